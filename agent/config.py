@@ -1,0 +1,93 @@
+"""Learner settings, and the small helper every config section uses to declare its fields.
+
+Each field carries a docstring and an optional validity check in its metadata, so the
+loader in `runtime.config` can reject a bad value with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+Check = Callable[[Any], str | None]
+
+
+def option(default: Any, doc: str, check: Check | None = None) -> Any:
+    """A dataclass field with its documentation and an optional check (None = valid)."""
+    if isinstance(default, (dict, list)):
+        def factory(d: Any = default) -> Any:
+            return type(d)(d)
+        return dataclasses.field(default_factory=factory, metadata={"doc": doc, "check": check})
+    return dataclasses.field(default=default, metadata={"doc": doc, "check": check})
+
+
+def one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def at_least(low: float, *, allow_none: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        if v is None:
+            return None if allow_none else "must be set"
+        return None if v >= low else f"must be >= {low}"
+    return check
+
+
+def above(low: float) -> Check:
+    return lambda v: None if v > low else f"must be > {low}"
+
+
+def within(low: float, high: float) -> Check:
+    return lambda v: None if low <= v <= high else f"must be in [{low}, {high}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """How the agent learns: network, optimiser, targets and normalisation."""
+
+    network: str = option(
+        "auto", "auto | stream | seed | mlp. auto picks stream for image observations "
+        "and mlp for vectors, so one config serves every stream.",
+        one_of("auto", "stream", "seed", "mlp"))
+    hidden_size: int = option(256, "Width of the hidden fully connected layers (stream, mlp).",
+                              at_least(1))
+    sparsity: float = option(0.9, "Fraction of each unit's fan-in zeroed by the sparse "
+                             "initialisation (stream, mlp). 0 = dense.", within(0.0, 0.99))
+    optimizer: str = option("obgd", "obgd (overshooting-bounded steps with eligibility "
+                            "traces) | adam (with gradient-norm clipping).", one_of("obgd", "adam"))
+    gamma: float = option(0.99, "Discount factor of the TD target.", within(0.0, 1.0))
+    # `lambda` is a Python keyword; the YAML key is `lambda`, the attribute `lambda_`.
+    lambda_: float = option(0.8, "Eligibility-trace decay (obgd). 0 = exactly one-step.",
+                            within(0.0, 1.0))
+    lr: float = option(1.0, "Step size: ObGD's alpha, or Adam's learning rate.", above(0.0))
+    kappa_policy: float = option(3.0, "ObGD overshooting bound for the policy.", above(0.0))
+    kappa_value: float = option(2.0, "ObGD overshooting bound for the value.", above(0.0))
+    entropy_coeff: float = option(0.01, "Entropy bonus beta at the start.", at_least(0.0))
+    entropy_final: float | None = option(
+        None, "Entropy bonus after the decay; null keeps entropy_coeff constant.",
+        at_least(0.0, allow_none=True))
+    entropy_decay_steps: int = option(1_000_000, "Updates over which beta decays linearly "
+                                      "to entropy_final.", at_least(1))
+    critic_coeff: float = option(1.0, "Weight of the critic loss c*delta^2 (adam).", above(0.0))
+    max_grad_norm: float | None = option(0.5, "Gradient-norm clip for adam; null = none.",
+                                         at_least(0.0, allow_none=True))
+    adam_eps: float = option(1e-8, "Adam epsilon.", above(0.0))
+    normalize_observations: bool = option(True, "Running per-element mean/variance "
+                                          "normalisation of observations.")
+    reward_transform: str = option(
+        "scale", "scale (divide by the running std of a discounted return trace) | "
+        "clip (to [-1, 1]) | none.", one_of("scale", "clip", "none"))
+
+    def entropy_at(self, update: int) -> float:
+        """The entropy bonus for the given update count (linear decay, then constant)."""
+        if self.entropy_final is None:
+            return self.entropy_coeff
+        frac = min(update / self.entropy_decay_steps, 1.0)
+        return self.entropy_coeff + frac * (self.entropy_final - self.entropy_coeff)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-field checks: (key, message) pairs; empty when consistent."""
+        if self.optimizer == "adam" and self.lambda_ != 0.0:
+            return [("lambda", "must be 0 with optimizer adam (traces are an obgd feature)")]
+        return []

@@ -1,0 +1,189 @@
+"""The one-step advantage actor-critic learner: `act(obs)` and `update(transition)`.
+
+One update per transition, from the one-step TD error
+    delta = r + gamma * (1 - terminated) * V(s') - V(s),
+with V(s') from the current parameters and no gradient through it. Truncation
+bootstraps; termination does not. The learner knows nothing of environments or files.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agent.config import AgentConfig
+from agent.networks import ActorCritic, build_network, resolve_network
+from agent.normalizers import RewardScaler
+from agent.optimizers import ObGD
+
+
+class Transition(NamedTuple):
+    observation: np.ndarray
+    action: int
+    reward: float
+    next_observation: np.ndarray
+    terminated: bool
+    truncated: bool
+
+
+class _Pending(NamedTuple):
+    """The forward pass `act` made on s, reused by `update` on the same s."""
+
+    observation: np.ndarray
+    logits: torch.Tensor
+    value: torch.Tensor
+    updates: int
+
+
+def _batch(obs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(obs)).unsqueeze(0)
+
+
+class A2CLearner:
+    """Acts from and learns on a single stream, one update per transition."""
+
+    def __init__(self, config: AgentConfig, observation_shape: tuple[int, ...],
+                 num_actions: int, seed: int = 0) -> None:
+        self.config = config
+        self.network_name = resolve_network(config.network, observation_shape)
+        self.observation_shape = tuple(observation_shape)
+        self.num_actions = num_actions
+        torch.manual_seed(seed)  # the initial weights are a function of the seed
+        self.net: ActorCritic = build_network(
+            config.network, self.observation_shape, num_actions, hidden_size=config.hidden_size,
+            sparsity=config.sparsity, normalize=config.normalize_observations)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.reward_scaler = RewardScaler(config.gamma)
+        self.updates = 0
+        self._pending: _Pending | None = None
+        if config.optimizer == "obgd":
+            common = {"lr": config.lr, "gamma": config.gamma, "lambda_": config.lambda_}
+            self.policy_opt = ObGD(self.net.policy_parameters(), kappa=config.kappa_policy,
+                                   **common)
+            self.value_opt = ObGD(self.net.value_parameters(), kappa=config.kappa_value, **common)
+        else:
+            self.adam = torch.optim.Adam(self.net.parameters(), lr=config.lr, eps=config.adam_eps,
+                                         fused=True)
+
+    # -- acting ------------------------------------------------------------------------
+
+    def act(self, observation: np.ndarray) -> int:
+        """Sample an action for s; keeps the forward pass for the update on s."""
+        obs = _batch(observation)
+        # Each observation is acted on once, so this is where it joins the statistics.
+        self.net.preprocess.observe(obs)
+        logits, value = self.net(obs)
+        probs = torch.softmax(logits.detach(), dim=-1)
+        action = int(torch.multinomial(probs, 1, generator=self.rng))
+        self._pending = _Pending(observation, logits, value, self.updates)
+        return action
+
+    # -- learning ----------------------------------------------------------------------
+
+    def update(self, t: Transition) -> dict[str, float]:
+        """One A2C update from one transition; returns its metrics."""
+        pending = self._pending
+        self._pending = None
+        if pending is not None and pending.observation is t.observation \
+                and pending.updates == self.updates:
+            logits, value = pending.logits, pending.value
+        else:
+            logits, value = self.net(_batch(t.observation))
+        done = t.terminated or t.truncated
+        reward = self._transform_reward(t.reward, done)
+        if t.terminated:
+            next_value = 0.0
+        else:
+            with torch.no_grad():
+                next_value = float(self.net.value(_batch(t.next_observation)))
+        delta = reward + self.config.gamma * next_value - value[0]
+        log_probs = F.log_softmax(logits[0], dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum()
+        beta = self.config.entropy_at(self.updates)
+        if self.config.optimizer == "obgd":
+            metrics = self._obgd_step(delta, log_probs[t.action], entropy, value[0], beta, done)
+        else:
+            metrics = self._adam_step(delta, log_probs[t.action], entropy, beta)
+        self.updates += 1
+        metrics.update(value=float(value[0].detach()), entropy=float(entropy.detach()),
+                       reward_scaled=reward, entropy_coeff=beta)
+        return metrics
+
+    def _transform_reward(self, reward: float, done: bool) -> float:
+        mode = self.config.reward_transform
+        if mode == "scale":
+            return self.reward_scaler(reward, done)
+        if mode == "clip":
+            return max(-1.0, min(1.0, reward))
+        return reward
+
+    def _obgd_step(self, delta: torch.Tensor, log_prob: torch.Tensor, entropy: torch.Tensor,
+                   value: torch.Tensor, beta: float, done: bool) -> dict[str, float]:
+        delta_f = float(delta.detach())
+        # stream-x: the entropy bonus is signed by delta so it pushes with the trace.
+        policy_objective = -(log_prob + beta * float(np.sign(delta_f)) * entropy)
+        value_objective = -value
+        pi_params, v_params = self.policy_opt.params, self.value_opt.params
+        if self.net.shared_trunk:
+            pi_grads = list(torch.autograd.grad(policy_objective, pi_params, retain_graph=True))
+            v_grads = list(torch.autograd.grad(value_objective, v_params))
+        else:
+            # Disjoint towers: one backward pass gives each tower its own gradient.
+            grads = torch.autograd.grad(policy_objective + value_objective, pi_params + v_params)
+            pi_grads, v_grads = list(grads[:len(pi_params)]), list(grads[len(pi_params):])
+        step_pi = self.policy_opt.step(delta_f, pi_grads, reset=done)
+        step_v = self.value_opt.step(delta_f, v_grads, reset=done)
+        return {"td_error": delta_f, "actor_loss": -float(log_prob.detach()) * delta_f,
+                "critic_loss": delta_f * delta_f, "step_size_policy": step_pi,
+                "step_size_value": step_v}
+
+    def _adam_step(self, delta: torch.Tensor, log_prob: torch.Tensor, entropy: torch.Tensor,
+                   beta: float) -> dict[str, float]:
+        actor_loss = -log_prob * delta.detach()
+        critic_loss = self.config.critic_coeff * delta.pow(2)
+        loss = actor_loss + critic_loss - beta * entropy
+        self.adam.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics = {"td_error": float(delta.detach()), "actor_loss": float(actor_loss.detach()),
+                   "critic_loss": float(critic_loss.detach())}
+        if self.config.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.max_grad_norm)
+            metrics["grad_norm"] = float(norm)
+        self.adam.step()
+        return metrics
+
+    # -- state -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that makes the next update what it is: weights, optimiser state and
+        traces, normalisers, the action RNG and the update counter."""
+        if self.config.optimizer == "obgd":
+            optimizer = {"policy": self.policy_opt.state_dict(),
+                         "value": self.value_opt.state_dict()}
+        else:
+            optimizer = {"adam": self.adam.state_dict()}
+        return {"network": {k: v.clone() for k, v in self.net.state_dict().items()},
+                "optimizer": optimizer, "reward_scaler": self.reward_scaler.state_dict(),
+                "rng": self.rng.get_state(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state; raises ValueError if it belongs to a different network."""
+        try:
+            self.net.load_state_dict(state["network"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise ValueError(f"network state does not fit this network: "
+                             f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+        optimizer = state["optimizer"]
+        if self.config.optimizer == "obgd":
+            self.policy_opt.load_state_dict(optimizer["policy"])
+            self.value_opt.load_state_dict(optimizer["value"])
+        else:
+            self.adam.load_state_dict(optimizer["adam"])
+        self.reward_scaler.load_state_dict(state["reward_scaler"])
+        self.rng.set_state(state["rng"])
+        self.updates = int(state["updates"])
+        self._pending = None

@@ -1,0 +1,170 @@
+"""Actor-critic networks: the seed notebook's, the streaming-RL one, and an MLP.
+
+Every network takes observations exactly as the stream gives them (uint8 frames or float
+vectors) and does its own scaling and normalisation, so the exported actor needs nothing
+from the host but the raw observation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent.normalizers import RunningNorm
+
+
+class Preprocess(nn.Module):
+    """uint8 -> float in [0, 1] for images, then optional running normalisation."""
+
+    def __init__(self, shape: tuple[int, ...], is_image: bool, normalize: bool) -> None:
+        super().__init__()
+        self.scale = 1.0 / 255.0 if is_image else 1.0
+        self.norm = RunningNorm(shape) if normalize else None
+
+    def scaled(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.float()
+        return x * self.scale if self.scale != 1.0 else x
+
+    def observe(self, obs: torch.Tensor) -> None:
+        """Add one observation (batch of one) to the running statistics."""
+        if self.norm is not None:
+            self.norm.update(self.scaled(obs)[0])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = self.scaled(obs)
+        return self.norm(x) if self.norm is not None else x
+
+
+class LayerNormNoParams(nn.Module):
+    """LayerNorm over all non-batch axes with no affine parameters (stream-x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[1:])
+
+
+def sparse_init_(module: nn.Module, sparsity: float) -> None:
+    """Uniform +-sqrt(1/fan_in) weights with `sparsity` of each unit's fan-in zeroed; zero bias.
+
+    Sparse fan-in makes units respond to different inputs from the first step, which
+    stream-x found reduces interference between one-sample updates.
+    """
+    for layer in module.modules():
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            continue
+        weight = layer.weight.data
+        fan_out = weight.shape[0]
+        fan_in = weight[0].numel()
+        # Keep at least one input per unit: with tiny fan-ins (CartPole's 4 inputs) a
+        # 90% ceiling would zero every weight and leave the layer blind.
+        num_zeros = min(int(math.ceil(sparsity * fan_in)), fan_in - 1)
+        bound = math.sqrt(1.0 / fan_in)
+        weight.uniform_(-bound, bound)
+        rows = weight.view(fan_out, fan_in)
+        for unit in range(fan_out):
+            rows[unit, torch.randperm(fan_in)[:num_zeros]] = 0.0
+        if layer.bias is not None:
+            layer.bias.data.zero_()
+
+
+def _stream_conv_tower(channels: int, hidden: int, out: int,
+                       in_hw: tuple[int, int]) -> nn.Sequential:
+    convs = nn.Sequential(
+        nn.Conv2d(channels, 32, 8, stride=5), LayerNormNoParams(), nn.LeakyReLU(),
+        nn.Conv2d(32, 64, 4, stride=3), LayerNormNoParams(), nn.LeakyReLU(),
+        nn.Conv2d(64, 64, 3, stride=2), LayerNormNoParams(), nn.LeakyReLU(),
+        nn.Flatten(),
+    )
+    flat = _flat_size(convs, (channels, *in_hw))
+    return nn.Sequential(*convs, nn.Linear(flat, hidden), LayerNormNoParams(), nn.LeakyReLU(),
+                         nn.Linear(hidden, out))
+
+
+def _mlp_tower(inputs: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(inputs, hidden), LayerNormNoParams(), nn.LeakyReLU(),
+        nn.Linear(hidden, hidden), LayerNormNoParams(), nn.LeakyReLU(),
+        nn.Linear(hidden, out),
+    )
+
+
+def _flat_size(module: nn.Module, shape: tuple[int, ...]) -> int:
+    with torch.no_grad():
+        return int(module(torch.zeros(1, *shape)).shape[1])
+
+
+class ActorCritic(nn.Module):
+    """Preprocess, an optional shared trunk, then a policy head (logits) and a value head.
+
+    `policy` is a self-contained module obs -> logits sharing these parameters: it is
+    what gets exported and deployed.
+    """
+
+    def __init__(self, preprocess: Preprocess, trunk: nn.Module | None,
+                 policy_head: nn.Module, value_head: nn.Module) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.trunk = trunk if trunk is not None else nn.Identity()
+        self.shared_trunk = trunk is not None
+        self.policy_head = policy_head
+        self.value_head = value_head
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.trunk(self.preprocess(obs))
+        return self.policy_head(features), self.value_head(features).squeeze(-1)
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.value_head(self.trunk(self.preprocess(obs))).squeeze(-1)
+
+    def policy(self) -> nn.Module:
+        return nn.Sequential(self.preprocess, self.trunk, self.policy_head)
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return [*self.trunk.parameters(), *self.policy_head.parameters()]
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return [*self.trunk.parameters(), *self.value_head.parameters()]
+
+
+def resolve_network(name: str, observation_shape: tuple[int, ...]) -> str:
+    """`auto` -> stream for stacked frames (C, H, W), mlp for vectors."""
+    if name != "auto":
+        return name
+    return "stream" if len(observation_shape) == 3 else "mlp"
+
+
+def build_network(name: str, observation_shape: tuple[int, ...], num_actions: int, *,
+                  hidden_size: int, sparsity: float, normalize: bool) -> ActorCritic:
+    """Build the named network for a stream; raises ValueError when it cannot fit it."""
+    name = resolve_network(name, observation_shape)
+    is_image = len(observation_shape) == 3
+    if name in ("seed", "stream") and not is_image:
+        raise ValueError(f"network '{name}' needs image observations (C, H, W), "
+                         f"the stream gives shape {observation_shape}")
+    if name == "mlp" and len(observation_shape) != 1:
+        raise ValueError(f"network 'mlp' needs vector observations, the stream gives "
+                         f"shape {observation_shape}")
+    preprocess = Preprocess(observation_shape, is_image, normalize)
+    if name == "seed":
+        trunk = nn.Sequential(
+            nn.Conv2d(observation_shape[0], 16, 5, stride=2), nn.ReLU(),
+            nn.Conv2d(16, 32, 5, stride=2), nn.ReLU(),
+            nn.Conv2d(32, 32, 5, stride=2), nn.ReLU(),
+            nn.Flatten(),
+        )
+        flat = _flat_size(trunk, observation_shape)
+        return ActorCritic(preprocess, trunk, nn.Linear(flat, num_actions), nn.Linear(flat, 1))
+    if name == "stream":
+        hw = (observation_shape[1], observation_shape[2])
+        policy = _stream_conv_tower(observation_shape[0], hidden_size, num_actions, hw)
+        value = _stream_conv_tower(observation_shape[0], hidden_size, 1, hw)
+    elif name == "mlp":
+        policy = _mlp_tower(observation_shape[0], hidden_size, num_actions)
+        value = _mlp_tower(observation_shape[0], hidden_size, 1)
+    else:
+        raise ValueError(f"unknown network '{name}'")
+    sparse_init_(policy, sparsity)
+    sparse_init_(value, sparsity)
+    return ActorCritic(preprocess, None, policy, value)

@@ -1,0 +1,198 @@
+"""The one config object: nested frozen dataclasses loaded once from YAML and validated.
+
+Every error names the dotted key and the problem in one line (ConfigError), before
+anything starts. `--set a.b=value` overrides go through the same validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.config import AgentConfig, at_least, option
+
+
+class ConfigError(ValueError):
+    """A config problem; str() is a one-line message naming the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    """The sensor stream."""
+
+    id: str = option("ALE/Breakout-v5", "Gymnasium environment id.")
+    kwargs: dict = option({}, "Keyword arguments passed to gymnasium.make.")
+    frame_skip: int = option(4, "Atari: emulator frames per agent step (max-pool of last two).",
+                             at_least(1))
+    screen_size: int = option(84, "Atari: frames are resized to screen_size^2 grayscale.",
+                              at_least(8))
+    frame_stack: int = option(4, "Atari: frames stacked into one observation.", at_least(1))
+    noop_max: int = option(30, "Atari: up to this many no-ops at the start of a game.",
+                           at_least(0))
+    terminal_on_life_loss: bool = option(True, "Atari: a lost life ends the episode for "
+                                         "learning (statistics still count whole games).")
+    repeat_action_probability: float = option(0.0, "Atari: sticky-action probability "
+                                              "(0.25 is the modern ALE protocol).",
+                                              lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When and how many checkpoints are written under RUN_DIR/checkpoints/."""
+
+    every_steps: int | None = option(50_000, "Write a checkpoint every N agent steps; null = "
+                                     "only by time.", at_least(1, allow_none=True))
+    every_seconds: float | None = option(600.0, "Write a checkpoint every N seconds; null = "
+                                         "only by steps.", at_least(1, allow_none=True))
+    keep: int = option(3, "How many of the newest checkpoints to keep.", at_least(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The run as a whole."""
+
+    max_steps: int | None = option(None, "Stop at this all-time step count; null = forever.",
+                                   at_least(0, allow_none=True))
+    dir: str = option("runs/default", "Run directory (metrics, status, checkpoints).")
+    torch_threads: int = option(1, "torch intra-op threads; one update is too small to "
+                                "split, so 1 is fastest.", at_least(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Logging and metrics."""
+
+    level: str = option("INFO", "Python logging level.",
+                        lambda v: None if v in ("DEBUG", "INFO", "WARNING", "ERROR")
+                        else "must be DEBUG, INFO, WARNING or ERROR")
+    summary_every_seconds: float = option(60.0, "Interval of summary log lines.", at_least(1))
+    status_every_seconds: float = option(5.0, "Interval of status.json rewrites.", at_least(0.1))
+    video_every_episodes: int = option(0, "Record every Nth finished game as MP4 under "
+                                       "RUN_DIR/videos/; 0 = off.", at_least(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole daemon configuration."""
+
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
+    agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    seed: int = option(0, "Seed of the network initialisation, the actions and the stream.",
+                       at_least(0))
+
+
+def _yaml_name(field: dataclasses.Field) -> str:
+    return field.name.rstrip("_")  # lambda_ -> lambda
+
+
+def _type_problem(value: Any, annotation: Any) -> str | None:
+    """None if value fits the annotation, else a description of the expected type."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) \
+        else (annotation,)
+    for expected in options:
+        if expected is type(None) and value is None:
+            return None
+        if expected is bool and isinstance(value, bool):
+            return None
+        if expected is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        if expected in (str, dict) and isinstance(value, expected):
+            return None
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
+    return f"must be {names}, got {type(value).__name__} {value!r}"
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, "
+                          f"got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {_yaml_name(f): f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(fields)})")
+    values = {}
+    for name, field in fields.items():
+        if name not in data:
+            continue
+        annotation, value = hints[field.name], data[name]
+        if dataclasses.is_dataclass(annotation):
+            values[field.name] = _build(annotation, value, f"{prefix}{name}.")
+            continue
+        problem = _type_problem(value, annotation)
+        check = field.metadata.get("check")
+        if problem is None and check is not None:
+            problem = check(value)
+        if problem is not None:
+            raise ConfigError(f"{prefix}{name}: {problem}")
+        if annotation is float or annotation == (float | None):
+            value = float(value) if value is not None else None
+        values[field.name] = value
+    built = cls(**values)
+    for key, problem in getattr(built, "problems", lambda: [])():
+        raise ConfigError(f"{prefix}{key}: {problem}")
+    return built
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `dotted.key=value` (value parsed as YAML) to a raw config mapping."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment}: expected KEY=VALUE")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read YAML (or start from defaults when path is None), apply overrides, validate."""
+    data: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config {path}: YAML syntax error{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return _build(Config, data, "")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data with YAML key names (for logs, run dirs and checkpoints)."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        out[_yaml_name(field)] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a validated Config from `to_dict` output (e.g. stored in a checkpoint)."""
+    return _build(Config, data, "")
