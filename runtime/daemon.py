@@ -1,0 +1,300 @@
+"""The main job: `python -m runtime.daemon --config config.yaml`.
+
+Lifecycle only — config, run directory, signals, checkpoints, metrics, logging. The RL
+lives in the learner and the acting loop. Exit codes: 0 clean stop, 2 bad usage, config
+or stored state (one line naming the cause), 1 a fatal runtime error (logged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import torch
+import yaml
+
+from agent.learner import A2CLearner
+from runtime.checkpoints import CheckpointError, CheckpointStore, write_atomic
+from runtime.config import Config, ConfigError, load_config, to_dict
+from runtime.loop import ActingLoop, Counters, GameSummary
+from runtime.metrics import MetricsLog, write_status
+from runtime.streams import AtariOptions, Stream, StreamError, make_stream
+
+log = logging.getLogger("runtime.daemon")
+
+
+class UsageError(Exception):
+    """Bad input that stops the daemon before it starts: exit 2 with this one line."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _OneLineParser(prog="python -m runtime.daemon", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config file (see config.yaml)")
+    parser.add_argument("--run-dir", help="run directory (overrides run.dir)")
+    parser.add_argument("--max-steps", type=int, help="stop at this all-time step count "
+                        "(overrides run.max_steps)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted config key, e.g. --set env.id=CartPole-v1")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over; existing checkpoints are moved aside, not deleted")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.set)
+    if args.run_dir is not None:
+        overrides.append(f"run.dir={args.run_dir}")
+    if args.max_steps is not None:
+        overrides.append(f"run.max_steps={args.max_steps}")
+    return load_config(args.config, overrides)
+
+
+def open_stream(config: Config, seed: int) -> Stream:
+    env = config.env
+    atari = AtariOptions(frame_skip=env.frame_skip, screen_size=env.screen_size,
+                         frame_stack=env.frame_stack, noop_max=env.noop_max,
+                         terminal_on_life_loss=env.terminal_on_life_loss,
+                         repeat_action_probability=env.repeat_action_probability)
+    return make_stream(env.id, dict(env.kwargs), seed=seed, atari=atari)
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag the loop checks between steps; a second SIGINT exits now."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.reason is not None and signum == signal.SIGINT:
+            os.write(2, b"second interrupt: exiting without a final checkpoint\n")
+            os._exit(130)
+        self.reason = signal.Signals(signum).name
+
+
+class Daemon:
+    """One run: resumes from the newest good checkpoint, learns until stopped."""
+
+    def __init__(self, config: Config, fresh: bool) -> None:
+        self.config = config
+        self.run_dir = Path(config.run.dir)
+        self.store = CheckpointStore(self.run_dir / "checkpoints", config.checkpoint.keep)
+        self.counters = Counters()
+        self.stop = StopFlag()
+        self.last_checkpoint_step: int | None = None
+        self.fresh = fresh
+
+    # -- start -------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Everything that can fail on bad input, before the first step (UsageError)."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(f"run.dir: cannot write to {self.run_dir} ({exc.strerror})") from None
+        setup_logging(self.config, self.run_dir / "daemon.log")
+        torch.set_num_threads(self.config.run.torch_threads)
+        try:
+            self.stream = open_stream(self.config, self.config.seed)
+        except StreamError as exc:
+            raise UsageError(f"env.id: {exc}") from None
+        spec = self.stream.spec
+        try:
+            self.learner = A2CLearner(self.config.agent, spec.observation_shape,
+                                      spec.num_actions, seed=self.config.seed)
+        except ValueError as exc:
+            raise UsageError(f"agent.network: {exc}") from None
+        self._restore()
+        resolved = yaml.safe_dump(to_dict(self.config), sort_keys=False)
+        write_atomic(self.run_dir / "config.yaml", resolved.encode())
+        log.info("resolved config:\n%s", resolved.rstrip())
+
+    def _spec(self) -> dict[str, Any]:
+        spec = self.stream.spec
+        return {"network": self.learner.network_name, "optimizer": self.config.agent.optimizer,
+                "observation_shape": list(spec.observation_shape),
+                "observation_dtype": spec.observation_dtype, "num_actions": spec.num_actions,
+                "env_id": self.config.env.id}
+
+    def _restore(self) -> None:
+        if self.fresh:
+            moved = self.store.move_aside()
+            if moved is not None:
+                log.info("--fresh: previous checkpoints moved to %s", moved)
+            return
+        try:
+            found = self.store.load_latest()
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from None
+        if found is None:
+            log.info("no checkpoint in %s: starting fresh", self.store.directory)
+            return
+        payload, path = found
+        mine, theirs = self._spec(), payload.get("spec", {})
+        for key in ("network", "optimizer", "observation_shape", "num_actions"):
+            if theirs.get(key) != mine[key]:
+                raise UsageError(f"checkpoint {path} does not match this config: {key} is "
+                                 f"{theirs.get(key)!r} there, {mine[key]!r} here "
+                                 f"(use the matching config or --fresh)")
+        try:
+            self.learner.load_state_dict(payload["learner"])
+        except (KeyError, ValueError) as exc:
+            raise UsageError(f"checkpoint {path} does not fit this learner: {exc}") from None
+        self.counters = Counters(**payload["counters"])
+        self.last_checkpoint_step = self.counters.steps
+        log.info("resumed from %s at step %d", path, self.counters.steps)
+
+    # -- run ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Learn until a signal or run.max_steps; final checkpoint; returns the exit code."""
+        cfg = self.config
+        loop = ActingLoop(self.learner, self.stream, self.counters)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        progress = Progress(self, sys.stderr.isatty())
+        max_steps = cfg.run.max_steps
+        every_steps = cfg.checkpoint.every_steps
+        every_seconds = cfg.checkpoint.every_seconds
+        next_ckpt_time = time.monotonic() + every_seconds if every_seconds else float("inf")
+        next_status = 0.0
+        self.stop.install()
+        log.info("learning from %s at step %d", cfg.env.id, self.counters.steps)
+        try:
+            while self.stop.reason is None and (max_steps is None
+                                                or self.counters.steps < max_steps):
+                summary = loop.step()
+                if summary is not None:
+                    metrics.write(progress.game_record(summary))
+                now = time.monotonic()
+                if (every_steps and self.counters.steps % every_steps == 0) \
+                        or now >= next_ckpt_time:
+                    self.checkpoint()
+                    next_ckpt_time = now + every_seconds if every_seconds else float("inf")
+                if now >= next_status:
+                    progress.tick(now, "running")
+                    next_status = now + min(cfg.log.status_every_seconds, 1.0)
+            why = self.stop.reason or f"reached run.max_steps={max_steps}"
+            log.info("stopping (%s) at step %d", why, self.counters.steps)
+            progress.tick(time.monotonic(), "stopping", force=True)
+            if self.last_checkpoint_step != self.counters.steps:
+                self.checkpoint()
+            progress.tick(time.monotonic(), "stopped", force=True)
+            return 0
+        finally:
+            metrics.close()
+            self.stream.close()
+            self.stop.restore()
+
+    def checkpoint(self) -> None:
+        payload = {"learner": self.learner.state_dict(), "counters": self.counters.as_dict(),
+                   "config": to_dict(self.config), "spec": self._spec(),
+                   "created_at": time.time()}
+        path = self.store.save(payload, self.counters.steps)
+        self.last_checkpoint_step = self.counters.steps
+        log.info("checkpoint %s", path.name)
+
+
+class Progress:
+    """status.json, the live terminal line, periodic summary lines, game records."""
+
+    def __init__(self, daemon: Daemon, live: bool) -> None:
+        self.daemon = daemon
+        self.live = live
+        self.started = time.time()
+        self.last_time = time.monotonic()
+        self.last_steps = daemon.counters.steps
+        self.steps_per_s = 0.0
+        self.next_status = 0.0
+        self.next_summary = time.monotonic() + daemon.config.log.summary_every_seconds
+        self.recent_returns: list[float] = []
+
+    def game_record(self, summary: GameSummary) -> dict[str, Any]:
+        self.recent_returns = (self.recent_returns + [summary.game_return])[-100:]
+        return {"step": summary.step, "episode": summary.game, "return": summary.game_return,
+                "length": summary.length, "time": round(time.time(), 3),
+                "steps_per_s": round(self.steps_per_s, 1),
+                **{k: round(v, 6) for k, v in summary.means.items()}}
+
+    def tick(self, now: float, state: str, force: bool = False) -> None:
+        if now > self.last_time + 0.5:
+            steps = self.daemon.counters.steps
+            self.steps_per_s = (steps - self.last_steps) / (now - self.last_time)
+            self.last_time, self.last_steps = now, steps
+        cfg = self.daemon.config.log
+        if force or now >= self.next_status:
+            self.write_status(state)
+            self.next_status = now + cfg.status_every_seconds
+        if self.live:
+            sys.stderr.write(f"\r{self.line()}  ")
+            sys.stderr.flush()
+        elif now >= self.next_summary:
+            log.info(self.line())
+            self.next_summary = now + cfg.summary_every_seconds
+
+    def line(self) -> str:
+        c = self.daemon.counters
+        mean = (sum(self.recent_returns) / len(self.recent_returns)
+                if self.recent_returns else float("nan"))
+        return (f"step {c.steps}  games {c.games}  return(last {len(self.recent_returns)}) "
+                f"{mean:.2f}  {self.steps_per_s:.0f} steps/s")
+
+    def write_status(self, state: str) -> None:
+        c = self.daemon.counters
+        write_status(self.daemon.run_dir / "status.json", {
+            "step": c.steps, "episodes": c.episodes, "games": c.games,
+            "last_checkpoint_step": self.daemon.last_checkpoint_step,
+            "steps_per_s": round(self.steps_per_s, 1), "pid": os.getpid(), "state": state,
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+        })
+
+
+def setup_logging(config: Config, log_file: Path) -> None:
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(config.log.level)
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        daemon = Daemon(resolve_config(args), fresh=args.fresh)
+        daemon.prepare()
+    except (UsageError, ConfigError) as exc:
+        print(f"daemon: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return daemon.run()
+    except Exception:
+        log.exception("fatal error at step %d", daemon.counters.steps)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Observability files of a run: metrics.jsonl (one line per finished game) and status.json.
+
+metrics.jsonl is append-only; a line torn by a kill is cut off when the file is reopened
+so the file stays valid JSON lines. status.json is replaced atomically, so a reader never
+sees half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from runtime.checkpoints import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+def repair_jsonl(path: Path) -> int:
+    """Truncate a trailing partial or unparsable line; returns the number of bytes cut."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    keep = len(data)
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+    else:
+        last_start = data.rfind(b"\n", 0, max(len(data) - 1, 0)) + 1
+        try:
+            if data[last_start:].strip():
+                json.loads(data[last_start:])
+        except ValueError:
+            keep = last_start
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        log.warning("metrics: cut a torn last line (%d bytes) from %s", len(data) - keep, path)
+    return len(data) - keep
+
+
+class MetricsLog:
+    """Appends one JSON object per line; each line is flushed (games are rare events)."""
+
+    def __init__(self, path: Path) -> None:
+        repair_jsonl(path)
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives with the run
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All valid records; an unparsable line (a torn tail) is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def write_status(path: Path, status: dict[str, Any]) -> None:
+    write_atomic(path, (json.dumps(status, indent=1) + "\n").encode())

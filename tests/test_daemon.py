@@ -1,0 +1,129 @@
+"""The daemon as users run it: subprocesses, real signals, real files."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from runtime.checkpoints import CheckpointStore, read_checkpoint
+from runtime.config import load_config
+from runtime.daemon import Daemon
+from tests.conftest import CARTPOLE, ROOT, cli, start_daemon, wait_for_status
+
+
+def _daemon(run_dir: Path, *args: str) -> list[str]:
+    return ["--config", "config.yaml", "--run-dir", str(run_dir), "--set",
+            "log.status_every_seconds=0.1", *args]
+
+
+def test_cartpole_run_writes_metrics_status_and_checkpoints(run_dir: Path) -> None:
+    done = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "600", *CARTPOLE,
+                                          "--set", "checkpoint.every_steps=200"))
+    assert done.returncode == 0, done.stderr
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["step"] == 600 and status["state"] == "stopped"
+    assert status["last_checkpoint_step"] == 600
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records and {"step", "episode", "return", "length", "time", "steps_per_s",
+                        "entropy", "critic_loss"} <= records[0].keys()
+    assert [p.name for p in CheckpointStore(run_dir / "checkpoints", 3).paths()] == [
+        "ckpt-000000000600.pt", "ckpt-000000000400.pt", "ckpt-000000000200.pt"]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["env"]["id"] == "CartPole-v1" and saved["run"]["max_steps"] == 600
+
+
+def test_breakout_run_learns_from_frames(run_dir: Path) -> None:
+    done = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "300"))
+    assert done.returncode == 0, done.stderr
+    payload = read_checkpoint(CheckpointStore(run_dir / "checkpoints", 3).paths()[0])
+    assert payload["spec"]["observation_shape"] == [4, 84, 84]
+    assert payload["spec"]["network"] == "stream" and payload["counters"]["steps"] == 300
+
+
+def test_keep_is_honoured(run_dir: Path) -> None:
+    done = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "500", *CARTPOLE,
+                                          "--set", "checkpoint.every_steps=50",
+                                          "--set", "checkpoint.keep=2"))
+    assert done.returncode == 0, done.stderr
+    names = [p.name for p in CheckpointStore(run_dir / "checkpoints", 2).paths()]
+    assert names == ["ckpt-000000000500.pt", "ckpt-000000000450.pt"]
+
+
+def test_sigterm_checkpoints_and_restart_resumes_identically(run_dir: Path) -> None:
+    proc = start_daemon(*_daemon(run_dir, *CARTPOLE, "--set", "checkpoint.every_steps=100000"))
+    wait_for_status(run_dir, 300)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    status = json.loads((run_dir / "status.json").read_text())
+    newest = CheckpointStore(run_dir / "checkpoints", 3).paths()[0]
+    payload = read_checkpoint(newest)
+    assert payload["counters"]["steps"] == status["step"] >= 300
+
+    config = load_config(ROOT / "config.yaml", ["env.id=CartPole-v1", f"run.dir={run_dir}"])
+    daemon = Daemon(config, fresh=False)
+    daemon.prepare()
+    assert daemon.counters.steps == status["step"]
+    restored = daemon.learner.state_dict()
+    for key, tensor in payload["learner"]["network"].items():
+        assert torch.equal(restored["network"][key], tensor), key
+    assert torch.equal(restored["rng"], payload["learner"]["rng"])
+    assert "resumed from" in (run_dir / "daemon.log").read_text()
+
+
+def test_second_sigint_exits_at_once(run_dir: Path) -> None:
+    proc = start_daemon(*_daemon(run_dir, *CARTPOLE))
+    wait_for_status(run_dir, 50)
+    proc.send_signal(signal.SIGSTOP)  # hold it so both signals arrive before it runs on
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130)
+
+
+def test_truncated_newest_checkpoint_is_skipped(run_dir: Path) -> None:
+    first = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "400", *CARTPOLE,
+                                           "--set", "checkpoint.every_steps=200"))
+    assert first.returncode == 0, first.stderr
+    newest = run_dir / "checkpoints" / "ckpt-000000000400.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    again = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "450", *CARTPOLE))
+    assert again.returncode == 0, again.stderr
+    assert "ckpt-000000000400.pt: checksum mismatch" in again.stderr
+    assert "resumed from" in again.stderr and "at step 200" in again.stderr
+
+
+def test_fresh_moves_old_checkpoints_aside(run_dir: Path) -> None:
+    assert cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "100", *CARTPOLE)).returncode == 0
+    again = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "50", "--fresh", *CARTPOLE))
+    assert again.returncode == 0, again.stderr
+    aside = list(run_dir.glob("checkpoints.old-*"))
+    assert len(aside) == 1 and (aside[0] / "ckpt-000000000100.pt").exists()
+
+
+def test_checkpoint_of_another_network_is_refused(run_dir: Path) -> None:
+    assert cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "50", *CARTPOLE)).returncode == 0
+    other = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "60", *CARTPOLE,
+                                           "--set", "agent.optimizer=adam",
+                                           "--set", "agent.lambda=0"))
+    assert other.returncode == 2
+    assert "does not match this config: optimizer" in other.stderr
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("agent.nonsense=1", "agent.nonsense: unknown key"),
+    ("agent.gamma=high", "agent.gamma: must be float"),
+    ("checkpoint.every_seconds=-5", "checkpoint.every_seconds: must be >= 1"),
+    ("env.id=NoSuchEnv-v0", "env.id: unknown environment id 'NoSuchEnv-v0'"),
+])
+def test_bad_config_exits_2_naming_the_key(run_dir: Path, override: str, named: str) -> None:
+    done = cli("runtime.daemon", *_daemon(run_dir, "--set", override))
+    assert done.returncode == 2
+    assert named in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

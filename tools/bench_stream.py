@@ -1,0 +1,59 @@
+"""Benchmark a sensor stream with uniformly random actions; prints one JSON line.
+
+Usage: python tools/bench_stream.py [--env ALE/Breakout-v5] [--steps 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+# Allow running as a plain script from the repository root or elsewhere.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from runtime.streams import make_stream
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--env", default="ALE/Breakout-v5")
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    stream = make_stream(args.env, seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    actions = rng.integers(0, stream.spec.num_actions, size=args.steps)
+    resets = games = 0
+    stream.reset()
+    start = time.perf_counter()
+    for action in actions:
+        _, _, terminated, truncated, info = stream.step(int(action))
+        if terminated or truncated:
+            games += int(info["game_over"])
+            resets += 1
+            stream.reset()
+    elapsed = time.perf_counter() - start
+    stream.close()
+    print(
+        json.dumps(
+            {
+                "env": args.env,
+                "steps": args.steps,
+                "seconds": round(elapsed, 3),
+                "steps_per_s": round(args.steps / elapsed, 1),
+                "frames_per_s": round(args.steps * stream.spec.frame_skip / elapsed, 1),
+                "learning_episodes": resets,
+                "games": games,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
