@@ -59,23 +59,34 @@ class A2CLearner:
         self.reward_scaler = RewardScaler(config.gamma)
         self.updates = 0
         self._pending: _Pending | None = None
+        self._prepared: tuple[np.ndarray, torch.Tensor] | None = None
         if config.optimizer == "obgd":
             common = {"lr": config.lr, "gamma": config.gamma, "lambda_": config.lambda_}
-            self.policy_opt = ObGD(self.net.policy_parameters(), kappa=config.kappa_policy,
-                                   **common)
-            self.value_opt = ObGD(self.net.value_parameters(), kappa=config.kappa_value, **common)
+            self.policy_opt = ObGD(self.net.policy_flat, kappa=config.kappa_policy, **common)
+            self.value_opt = ObGD(self.net.value_flat, kappa=config.kappa_value, **common)
+            self._policy_params = self.net.policy_parameters()
+            self._value_params = self.net.value_parameters()
         else:
             self.adam = torch.optim.Adam(self.net.parameters(), lr=config.lr, eps=config.adam_eps,
                                          fused=True)
 
     # -- acting ------------------------------------------------------------------------
 
+    def _inputs(self, observation: np.ndarray) -> torch.Tensor:
+        """Preprocessed network input of a new observation, which joins the running
+        statistics here, once. The s' of one update is the s of the next act: reused."""
+        prepared = self._prepared
+        if prepared is not None and prepared[0] is observation:
+            return prepared[1]
+        obs = _batch(observation)
+        self.net.preprocess.observe(obs)
+        inputs = self.net.preprocess(obs)
+        self._prepared = (observation, inputs)
+        return inputs
+
     def act(self, observation: np.ndarray) -> int:
         """Sample an action for s; keeps the forward pass for the update on s."""
-        obs = _batch(observation)
-        # Each observation is acted on once, so this is where it joins the statistics.
-        self.net.preprocess.observe(obs)
-        logits, value = self.net(obs)
+        logits, value = self.net.heads(self._inputs(observation))
         probs = torch.softmax(logits.detach(), dim=-1)
         action = int(torch.multinomial(probs, 1, generator=self.rng))
         self._pending = _Pending(observation, logits, value, self.updates)
@@ -98,7 +109,7 @@ class A2CLearner:
             next_value = 0.0
         else:
             with torch.no_grad():
-                next_value = float(self.net.value(_batch(t.next_observation)))
+                next_value = float(self.net.value(self._inputs(t.next_observation)))
         delta = reward + self.config.gamma * next_value - value[0]
         log_probs = F.log_softmax(logits[0], dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum()
@@ -126,16 +137,22 @@ class A2CLearner:
         # stream-x: the entropy bonus is signed by delta so it pushes with the trace.
         policy_objective = -(log_prob + beta * float(np.sign(delta_f)) * entropy)
         value_objective = -value
-        pi_params, v_params = self.policy_opt.params, self.value_opt.params
-        if self.net.shared_trunk:
-            pi_grads = list(torch.autograd.grad(policy_objective, pi_params, retain_graph=True))
-            v_grads = list(torch.autograd.grad(value_objective, v_params))
+        net = self.net
+        if net.shared_trunk:
+            # The trunk feeds both objectives: each needs its own gradient of it.
+            grads = [torch.autograd.grad(objective, params, retain_graph=True)
+                     for objective, params in ((policy_objective, self._policy_params),
+                                               (value_objective, self._value_params))]
+            pi_grad, v_grad = (torch.cat([g.reshape(-1) for g in gs]) for gs in grads)
         else:
-            # Disjoint towers: one backward pass gives each tower its own gradient.
-            grads = torch.autograd.grad(policy_objective + value_objective, pi_params + v_params)
-            pi_grads, v_grads = list(grads[:len(pi_params)]), list(grads[len(pi_params):])
-        step_pi = self.policy_opt.step(delta_f, pi_grads, reset=done)
-        step_v = self.value_opt.step(delta_f, v_grads, reset=done)
+            # Disjoint towers: one backward pass into the flat gradient buffer gives
+            # each tower its own gradient as a slice.
+            net.flat_grad.zero_()
+            (policy_objective + value_objective).backward()
+            pi_grad = net.flat_grad[:net.policy_flat.numel()]
+            v_grad = net.flat_grad[net.policy_flat.numel():]
+        step_pi = self.policy_opt.step(delta_f, pi_grad, reset=done)
+        step_v = self.value_opt.step(delta_f, v_grad, reset=done)
         return {"td_error": delta_f, "actor_loss": -float(log_prob.detach()) * delta_f,
                 "critic_loss": delta_f * delta_f, "step_size_policy": step_pi,
                 "step_size_value": step_v}
@@ -145,7 +162,7 @@ class A2CLearner:
         actor_loss = -log_prob * delta.detach()
         critic_loss = self.config.critic_coeff * delta.pow(2)
         loss = actor_loss + critic_loss - beta * entropy
-        self.adam.zero_grad(set_to_none=True)
+        self.adam.zero_grad(set_to_none=False)  # keep .grad as views of net.flat_grad
         loss.backward()
         metrics = {"td_error": float(delta.detach()), "actor_loss": float(actor_loss.detach()),
                    "critic_loss": float(critic_loss.detach())}
@@ -187,3 +204,4 @@ class A2CLearner:
         self.rng.set_state(state["rng"])
         self.updates = int(state["updates"])
         self._pending = None
+        self._prepared = None

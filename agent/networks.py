@@ -110,22 +110,53 @@ class ActorCritic(nn.Module):
         self.shared_trunk = trunk is not None
         self.policy_head = policy_head
         self.value_head = value_head
+        # All parameters live in one buffer ordered policy head | trunk | value head, so
+        # the policy's and the value's parameters are each one contiguous slice (trunk
+        # shared) and an optimiser can update a whole slice with a single tensor op.
+        head = sum(p.numel() for p in policy_head.parameters())
+        trunk_size = sum(p.numel() for p in self.trunk.parameters())
+        self.flat = _flatten_parameters(self.policy_parameters()
+                                        + list(value_head.parameters()))
+        self.policy_flat = self.flat[:head + trunk_size]
+        self.value_flat = self.flat[head:]
+        # Gradients accumulate in place into views of one flat buffer as well: one
+        # backward pass leaves the whole gradient ready for a flat optimiser step.
+        self.flat_grad = torch.zeros_like(self.flat)
+        offset = 0
+        for p in self.policy_parameters() + list(value_head.parameters()):
+            p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.trunk(self.preprocess(obs))
+        return self.heads(self.preprocess(obs))
+
+    def heads(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, value) from preprocessed inputs."""
+        features = self.trunk(inputs)
         return self.policy_head(features), self.value_head(features).squeeze(-1)
 
-    def value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.value_head(self.trunk(self.preprocess(obs))).squeeze(-1)
+    def value(self, inputs: torch.Tensor) -> torch.Tensor:
+        """V from preprocessed inputs."""
+        return self.value_head(self.trunk(inputs)).squeeze(-1)
 
     def policy(self) -> nn.Module:
         return nn.Sequential(self.preprocess, self.trunk, self.policy_head)
 
     def policy_parameters(self) -> list[nn.Parameter]:
-        return [*self.trunk.parameters(), *self.policy_head.parameters()]
+        return [*self.policy_head.parameters(), *self.trunk.parameters()]
 
     def value_parameters(self) -> list[nn.Parameter]:
         return [*self.trunk.parameters(), *self.value_head.parameters()]
+
+
+def _flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
+    """Re-home the parameters as views of one contiguous buffer; returns the buffer."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
 
 
 def resolve_network(name: str, observation_shape: tuple[int, ...]) -> str:

@@ -9,53 +9,47 @@ over shared parameters (the seed network's trunk feeds both policy and value).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 
 class ObGD:
     """theta <- theta - alpha_eff * delta * z with z <- gamma * lambda * z + grad.
 
     `grad` is the gradient of -V or of -log pi (the objective whose increase is wanted),
-    so a positive delta moves the prediction up.
+    so a positive delta moves the prediction up. The parameters are one flat tensor (see
+    ActorCritic.flat) so that the trace arithmetic is a handful of ops per step.
     """
 
-    def __init__(self, params: list[nn.Parameter], *, lr: float, gamma: float,
+    def __init__(self, flat_params: torch.Tensor, *, lr: float, gamma: float,
                  lambda_: float, kappa: float) -> None:
-        self.params = list(params)
+        self.flat_params = flat_params
         self.lr = lr
         self.decay = gamma * lambda_
         self.kappa = kappa
-        self.traces = [torch.zeros_like(p) for p in self.params]
+        self.trace = torch.zeros_like(flat_params)
 
     @torch.no_grad()
-    def step(self, delta: float, grads: list[torch.Tensor], reset: bool) -> float:
-        """Apply one update; returns the effective step size. `reset` clears the traces
-        after the update (episode boundary)."""
+    def step(self, delta: float, grad: torch.Tensor, reset: bool) -> float:
+        """Apply one update from the flat gradient; returns the effective step size.
+        `reset` clears the trace after the update (episode end)."""
         if self.decay == 0.0:
             # lambda = 0: the trace is exactly this step's gradient (pure one-step update).
-            torch._foreach_copy_(self.traces, grads)
+            self.trace.copy_(grad)
         else:
-            torch._foreach_mul_(self.traces, self.decay)
-            torch._foreach_add_(self.traces, grads)
-        trace_l1 = float(torch.stack(torch._foreach_norm(self.traces, 1)).sum())
+            self.trace.mul_(self.decay).add_(grad)
+        trace_l1 = float(self.trace.abs().sum())  # 5x faster than vector_norm(ord=1) here
         bound = self.lr * self.kappa * max(abs(delta), 1.0) * trace_l1
         step_size = self.lr / bound if bound > 1.0 else self.lr
-        torch._foreach_add_(self.params, self.traces, alpha=-step_size * delta)
+        self.flat_params.add_(self.trace, alpha=-step_size * delta)
         if reset:
-            self.reset()
+            self.trace.zero_()
         return step_size
 
-    def reset(self) -> None:
-        for trace in self.traces:
-            trace.zero_()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"trace": self.trace.clone()}
 
-    def state_dict(self) -> dict[str, list[torch.Tensor]]:
-        return {"traces": [t.clone() for t in self.traces]}
-
-    def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
-        traces = state["traces"]
-        if len(traces) != len(self.traces) or any(
-                a.shape != b.shape for a, b in zip(traces, self.traces, strict=True)):
-            raise ValueError("ObGD traces do not match the network's parameters")
-        for mine, saved in zip(self.traces, traces, strict=True):
-            mine.copy_(saved)
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        trace = state["trace"]
+        if trace.shape != self.trace.shape:
+            raise ValueError(f"ObGD trace has {trace.numel()} elements, the network "
+                             f"{self.trace.numel()}")
+        self.trace.copy_(trace)

@@ -112,6 +112,16 @@ def _type_problem(value: Any, annotation: Any) -> str | None:
     return f"must be {names}, got {type(value).__name__} {value!r}"
 
 
+def _yaml_float(value: Any, annotation: Any) -> Any:
+    """PyYAML reads `1e-4` (no dot) as a string; take it as the float the user meant."""
+    if isinstance(value, str) and annotation in (float, float | None):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, "
@@ -125,7 +135,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, field in fields.items():
         if name not in data:
             continue
-        annotation, value = hints[field.name], data[name]
+        annotation, value = hints[field.name], _yaml_float(data[name], hints[field.name])
         if dataclasses.is_dataclass(annotation):
             values[field.name] = _build(annotation, value, f"{prefix}{name}.")
             continue

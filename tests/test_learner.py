@@ -84,22 +84,21 @@ def test_obgd_never_overshoots_the_td_error_on_the_same_sample() -> None:
 
 
 def test_obgd_with_lambda_zero_is_exactly_one_step() -> None:
-    param = torch.nn.Parameter(torch.zeros(3))
-    opt = ObGD([param], lr=0.1, gamma=0.99, lambda_=0.0, kappa=1e-9)
-    opt.step(1.0, [torch.tensor([1.0, 0.0, 0.0])], reset=False)
-    before = param.detach().clone()
-    opt.step(1.0, [torch.tensor([0.0, 2.0, 0.0])], reset=False)
-    torch.testing.assert_close(param.detach() - before, torch.tensor([0.0, -0.2, 0.0]))
+    param = torch.zeros(3)
+    opt = ObGD(param, lr=0.1, gamma=0.99, lambda_=0.0, kappa=1e-9)
+    opt.step(1.0, torch.tensor([1.0, 0.0, 0.0]), reset=False)
+    before = param.clone()
+    opt.step(1.0, torch.tensor([0.0, 2.0, 0.0]), reset=False)
+    torch.testing.assert_close(param - before, torch.tensor([0.0, -0.2, 0.0]))
 
 
 def test_obgd_traces_decay_and_reset_at_episode_end() -> None:
-    param = torch.nn.Parameter(torch.zeros(2))
-    opt = ObGD([param], lr=0.1, gamma=0.5, lambda_=0.5, kappa=1e-9)
-    opt.step(0.0, [torch.tensor([1.0, 0.0])], reset=False)
-    opt.step(0.0, [torch.tensor([0.0, 1.0])], reset=False)
-    torch.testing.assert_close(opt.traces[0], torch.tensor([0.25, 1.0]))
-    opt.step(0.0, [torch.tensor([0.0, 1.0])], reset=True)
-    assert not opt.traces[0].any()
+    opt = ObGD(torch.zeros(2), lr=0.1, gamma=0.5, lambda_=0.5, kappa=1e-9)
+    opt.step(0.0, torch.tensor([1.0, 0.0]), reset=False)
+    opt.step(0.0, torch.tensor([0.0, 1.0]), reset=False)
+    torch.testing.assert_close(opt.trace, torch.tensor([0.25, 1.0]))
+    opt.step(0.0, torch.tensor([0.0, 1.0]), reset=True)
+    assert not opt.trace.any()
 
 
 def _drive(learner: A2CLearner, env: gym.Env, steps: int, seed: int) -> list[int]:
