@@ -8,6 +8,7 @@ bootstraps; termination does not. The learner knows nothing of environments or f
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from agent.config import AgentConfig
 from agent.networks import ActorCritic, build_network, resolve_network
 from agent.normalizers import RewardScaler
-from agent.optimizers import ObGD
+from agent.optimizers import NonFiniteError, ObGD
 
 
 class Transition(NamedTuple):
@@ -111,6 +112,9 @@ class A2CLearner:
             with torch.no_grad():
                 next_value = float(self.net.value(self._inputs(t.next_observation)))
         delta = reward + self.config.gamma * next_value - value[0]
+        if not math.isfinite(float(delta.detach())):
+            # A NaN/Inf reward, observation or prediction: refuse before any state changes.
+            raise NonFiniteError(f"TD error is not finite (reward {t.reward!r})")
         log_probs = F.log_softmax(logits[0], dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum()
         beta = self.config.entropy_at(self.updates)
@@ -166,11 +170,28 @@ class A2CLearner:
         loss.backward()
         metrics = {"td_error": float(delta.detach()), "actor_loss": float(actor_loss.detach()),
                    "critic_loss": float(critic_loss.detach())}
-        if self.config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.max_grad_norm)
-            metrics["grad_norm"] = float(norm)
+        max_norm = self.config.max_grad_norm
+        norm = float(torch.nn.utils.clip_grad_norm_(
+            self.net.parameters(), max_norm if max_norm is not None else math.inf))
+        if not math.isfinite(norm):
+            self.adam.zero_grad(set_to_none=False)
+            raise NonFiniteError("gradient is not finite")
+        metrics["grad_norm"] = norm
         self.adam.step()
         return metrics
+
+    def reset_traces(self) -> None:
+        """An episode was cut short outside the stream's own ends (a fault): credit must
+        not flow across the cut."""
+        if self.config.optimizer == "obgd":
+            self.policy_opt.trace.zero_()
+            self.value_opt.trace.zero_()
+        self._pending = None
+        self._prepared = None
+
+    def parameters_finite(self) -> bool:
+        """True when no weight is NaN/Inf (checked before every checkpoint)."""
+        return bool(torch.isfinite(self.net.flat).all())
 
     # -- state -------------------------------------------------------------------------
 

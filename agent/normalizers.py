@@ -6,8 +6,12 @@ keep their whole state in tensors so a checkpoint restores them bit-exactly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from agent.optimizers import NonFiniteError
 
 
 class RunningNorm(nn.Module):
@@ -68,14 +72,18 @@ class RewardScaler:
         self.m2 = 0.0
 
     def __call__(self, reward: float, done: bool) -> float:
-        self.trace = self.trace * self.gamma + reward
-        self.count += 1
-        diff = self.trace - self.mean
-        self.mean += diff / self.count
-        self.m2 += diff * (self.trace - self.mean)
-        if done:
-            self.trace = 0.0
-        var = self.m2 / (self.count - 1) if self.count >= 2 else 1.0
+        trace = self.trace * self.gamma + reward
+        count = self.count + 1
+        diff = trace - self.mean
+        mean = self.mean + diff / count
+        m2 = self.m2 + diff * (trace - mean)
+        if not math.isfinite(m2):
+            # One absurd reward would make every later reward scale to 0: refuse it and
+            # keep the statistics as they were.
+            raise NonFiniteError(f"reward {reward!r} overflows the reward statistics")
+        self.trace = 0.0 if done else trace
+        self.count, self.mean, self.m2 = count, mean, m2
+        var = m2 / (count - 1) if count >= 2 else 1.0
         return reward / (var + self.eps) ** 0.5
 
     def state_dict(self) -> dict[str, float | int]:

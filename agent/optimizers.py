@@ -8,7 +8,13 @@ over shared parameters (the seed network's trunk feeds both policy and value).
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+class NonFiniteError(ArithmeticError):
+    """A NaN or Inf reached an update; the parameters were left untouched."""
 
 
 class ObGD:
@@ -37,6 +43,10 @@ class ObGD:
         else:
             self.trace.mul_(self.decay).add_(grad)
         trace_l1 = float(self.trace.abs().sum())  # 5x faster than vector_norm(ord=1) here
+        if not math.isfinite(trace_l1):
+            # A NaN/Inf gradient: drop the poisoned trace and leave the parameters alone.
+            self.trace.zero_()
+            raise NonFiniteError("eligibility trace is not finite")
         bound = self.lr * self.kappa * max(abs(delta), 1.0) * trace_l1
         step_size = self.lr / bound if bound > 1.0 else self.lr
         self.flat_params.add_(self.trace, alpha=-step_size * delta)

@@ -113,6 +113,7 @@ class CheckpointStore:
     def load_latest(self) -> tuple[dict[str, Any], Path] | None:
         """The newest checkpoint that verifies; corrupt ones are logged and skipped.
         None when there are none at all; CheckpointError when all are bad."""
+        self._remove_stale_temp_files()
         paths = self.paths()
         for path in paths:
             try:
@@ -123,6 +124,13 @@ class CheckpointStore:
             raise CheckpointError(f"no usable checkpoint in {self.directory} "
                                   f"({len(paths)} corrupt); start over with --fresh")
         return None
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of writes cut off by a kill are never published; clear them."""
+        if self.directory.is_dir():
+            for tmp in self.directory.glob(".ckpt-*.pt.tmp-*"):
+                log.info("removing an unfinished checkpoint write %s", tmp.name)
+                tmp.unlink(missing_ok=True)
 
     def move_aside(self) -> Path | None:
         """--fresh: keep old checkpoints, but out of the way, under a timestamped name."""

@@ -77,6 +77,24 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FaultConfig:
+    """What the daemon does when something goes wrong while it runs."""
+
+    on_nonfinite: str = option(
+        "skip", "A NaN/Inf TD error, gradient or trace: skip that update, or rollback the "
+        "learner to the last good checkpoint.", lambda v: None if v in ("skip", "rollback")
+        else "must be one of skip, rollback")
+    stream_max_failures: int = option(5, "Consecutive stream failures (raising in reset or "
+                                      "step) before the daemon checkpoints and exits 3.",
+                                      at_least(1))
+    stream_backoff_seconds: float = option(1.0, "First wait before recreating a failed "
+                                           "stream; doubles per consecutive failure.",
+                                           at_least(0.0))
+    stream_backoff_max_seconds: float = option(60.0, "Longest wait between stream "
+                                               "recreation attempts.", at_least(0.0))
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole daemon configuration."""
 
@@ -85,6 +103,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     seed: int = option(0, "Seed of the network initialisation, the actions and the stream.",
                        at_least(0))
 

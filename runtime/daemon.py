@@ -8,11 +8,13 @@ or stored state (one line naming the cause), 1 a fatal runtime error (logged).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -23,8 +25,9 @@ import yaml
 from agent.learner import A2CLearner
 from runtime.checkpoints import CheckpointError, CheckpointStore, write_atomic
 from runtime.config import Config, ConfigError, load_config, to_dict
-from runtime.loop import ActingLoop, Counters, GameSummary
+from runtime.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, StreamFault
 from runtime.metrics import MetricsLog, write_status
+from runtime.sdnotify import Notifier
 from runtime.streams import AtariOptions, Stream, StreamError, make_stream
 
 log = logging.getLogger("runtime.daemon")
@@ -103,6 +106,8 @@ class Daemon:
         self.stop = StopFlag()
         self.last_checkpoint_step: int | None = None
         self.fresh = fresh
+        self.notifier = Notifier()
+        self.stream_failures = 0  # consecutive; reset by every good step
 
     # -- start -------------------------------------------------------------------------
 
@@ -115,6 +120,7 @@ class Daemon:
             probe.unlink()
         except OSError as exc:
             raise UsageError(f"run.dir: cannot write to {self.run_dir} ({exc.strerror})") from None
+        self._lock_run_dir()
         setup_logging(self.config, self.run_dir / "daemon.log")
         torch.set_num_threads(self.config.run.torch_threads)
         try:
@@ -131,6 +137,21 @@ class Daemon:
         resolved = yaml.safe_dump(to_dict(self.config), sort_keys=False)
         write_atomic(self.run_dir / "config.yaml", resolved.encode())
         log.info("resolved config:\n%s", resolved.rstrip())
+
+    def _lock_run_dir(self) -> None:
+        """One daemon per run directory: two would interleave checkpoints and metrics.
+        The lock is released by the kernel when the process dies, however it dies."""
+        self._lock_file = open(self.run_dir / "daemon.lock", "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "another process"
+            raise UsageError(f"run.dir: {self.run_dir} is in use by pid {holder}") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
 
     def _spec(self) -> dict[str, Any]:
         spec = self.stream.spec
@@ -163,7 +184,7 @@ class Daemon:
             self.learner.load_state_dict(payload["learner"])
         except (KeyError, ValueError) as exc:
             raise UsageError(f"checkpoint {path} does not fit this learner: {exc}") from None
-        self.counters = Counters(**payload["counters"])
+        self.counters = Counters.from_dict(payload["counters"])
         self.last_checkpoint_step = self.counters.steps
         log.info("resumed from %s at step %d", path, self.counters.steps)
 
@@ -172,7 +193,8 @@ class Daemon:
     def run(self) -> int:
         """Learn until a signal or run.max_steps; final checkpoint; returns the exit code."""
         cfg = self.config
-        loop = ActingLoop(self.learner, self.stream, self.counters)
+        loop = ActingLoop(self.learner, self.stream, self.counters,
+                          rollback_on_nonfinite=cfg.faults.on_nonfinite == "rollback")
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         progress = Progress(self, sys.stderr.isatty())
         max_steps = cfg.run.max_steps
@@ -181,11 +203,21 @@ class Daemon:
         next_ckpt_time = time.monotonic() + every_seconds if every_seconds else float("inf")
         next_status = 0.0
         self.stop.install()
+        self.notifier.ready(progress.line())
         log.info("learning from %s at step %d", cfg.env.id, self.counters.steps)
         try:
             while self.stop.reason is None and (max_steps is None
                                                 or self.counters.steps < max_steps):
-                summary = loop.step()
+                try:
+                    summary = loop.step()
+                    self.stream_failures = 0
+                except StreamFault as fault:
+                    if not self._recover_stream(loop, fault):
+                        return self._give_up(progress)
+                    continue
+                except RollbackNeeded:
+                    self.rollback("a non-finite update")
+                    continue
                 if summary is not None:
                     metrics.write(progress.game_record(summary))
                 now = time.monotonic()
@@ -196,25 +228,94 @@ class Daemon:
                 if now >= next_status:
                     progress.tick(now, "running")
                     next_status = now + min(cfg.log.status_every_seconds, 1.0)
-            why = self.stop.reason or f"reached run.max_steps={max_steps}"
-            log.info("stopping (%s) at step %d", why, self.counters.steps)
-            progress.tick(time.monotonic(), "stopping", force=True)
-            if self.last_checkpoint_step != self.counters.steps:
-                self.checkpoint()
-            progress.tick(time.monotonic(), "stopped", force=True)
-            return 0
+            return self._shut_down(progress)
         finally:
+            self.notifier.stopping()
             metrics.close()
             self.stream.close()
             self.stop.restore()
 
-    def checkpoint(self) -> None:
+    def _shut_down(self, progress: Progress) -> int:
+        why = self.stop.reason or f"reached run.max_steps={self.config.run.max_steps}"
+        log.info("stopping (%s) at step %d", why, self.counters.steps)
+        progress.tick(time.monotonic(), "stopping", force=True)
+        saved = self.last_checkpoint_step == self.counters.steps or self.checkpoint()
+        progress.tick(time.monotonic(), "stopped" if saved else "failed", force=True)
+        if not saved:
+            log.error("the final checkpoint could not be written; the newest on disk is "
+                      "from step %s", self.last_checkpoint_step)
+        return 0 if saved else 1
+
+    def _give_up(self, progress: Progress) -> int:
+        log.error("the stream failed %d times in a row: giving up after a final checkpoint",
+                  self.config.faults.stream_max_failures)
+        self.checkpoint()
+        progress.tick(time.monotonic(), "failed", force=True)
+        return 3
+
+    def _recover_stream(self, loop: ActingLoop, fault: Exception) -> bool:
+        """Recreate the stream after bounded exponential backoff, counting every failed
+        attempt as a consecutive failure; False = give up."""
+        faults = self.config.faults
+        while True:
+            self.stream_failures += 1
+            failures = self.stream_failures
+            self.counters.faults.stream_failures += 1
+            if failures >= faults.stream_max_failures:
+                log.error("stream failure %d/%d: %s", failures, faults.stream_max_failures,
+                          fault)
+                return False
+            wait = min(faults.stream_backoff_seconds * 2 ** (failures - 1),
+                       faults.stream_backoff_max_seconds)
+            log.warning("stream failure %d/%d: %s; recreating it in %.1fs", failures,
+                        faults.stream_max_failures, fault, wait)
+            deadline = time.monotonic() + wait
+            while self.stop.reason is None and time.monotonic() < deadline:
+                time.sleep(min(0.1, wait))  # stay responsive to signals while backing off
+            try:
+                self.stream.close()
+            except Exception:  # noqa: BLE001, S110 - a broken stream may fail to close too
+                pass
+            try:
+                self.stream = open_stream(self.config, self.config.seed + self.counters.steps)
+                self.learner.reset_traces()
+                loop.attach(self.stream)
+                return True
+            except (StreamError, StreamFault) as exc:
+                fault = exc
+
+    def rollback(self, why: str) -> None:
+        """Restore the learner from the newest good checkpoint (counters keep going)."""
+        self.counters.faults.rollbacks += 1
+        try:
+            found = self.store.load_latest()
+        except CheckpointError:
+            found = None
+        if found is None:
+            log.error("rollback after %s: no good checkpoint; continuing as is", why)
+            return
+        payload, path = found
+        self.learner.load_state_dict(payload["learner"])
+        log.warning("rolled back the learner to %s after %s", path.name, why)
+
+    def checkpoint(self) -> bool:
+        """Write a checkpoint; a disk fault is logged and counted, never fatal here."""
+        if not self.learner.parameters_finite():
+            self.rollback("non-finite parameters found before a checkpoint")
+            return False
         payload = {"learner": self.learner.state_dict(), "counters": self.counters.as_dict(),
                    "config": to_dict(self.config), "spec": self._spec(),
                    "created_at": time.time()}
-        path = self.store.save(payload, self.counters.steps)
+        try:
+            path = self.store.save(payload, self.counters.steps)
+        except OSError as exc:
+            self.counters.faults.checkpoint_failures += 1
+            log.error("checkpoint at step %d failed: %s; retrying at the next interval",
+                      self.counters.steps, exc)
+            return False
         self.last_checkpoint_step = self.counters.steps
         log.info("checkpoint %s", path.name)
+        return True
 
 
 class Progress:
@@ -247,6 +348,7 @@ class Progress:
         if force or now >= self.next_status:
             self.write_status(state)
             self.next_status = now + cfg.status_every_seconds
+        self.daemon.notifier.alive(self.line())
         if self.live:
             sys.stderr.write(f"\r{self.line()}  ")
             sys.stderr.flush()
@@ -267,6 +369,7 @@ class Progress:
             "step": c.steps, "episodes": c.episodes, "games": c.games,
             "last_checkpoint_step": self.daemon.last_checkpoint_step,
             "steps_per_s": round(self.steps_per_s, 1), "pid": os.getpid(), "state": state,
+            "faults": asdict(c.faults),
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
         })

@@ -13,6 +13,7 @@ runtime on small devices. Only numpy, gymnasium and (lazily) ale_py are used.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -329,7 +330,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _lookup_spec(env_id: str) -> gym.envs.registration.EnvSpec:
-    """Find the registry entry; ale_py is imported only if the id is not yet known."""
+    """Find the registry entry; ale_py is imported only if the id is not yet known.
+    `package.module:Env-v0` imports the module first (a user's own sensor, registered
+    there), as gymnasium.make does."""
+    if ":" in env_id:
+        module, env_id = env_id.split(":", 1)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise StreamError(f"cannot import module {module!r} of environment id "
+                              f"{env_id!r}: {_first_line(exc)}") from None
     try:
         return gym.spec(env_id)
     except gym.error.Error:
