@@ -1,0 +1,122 @@
+"""Bad input everywhere: each case exits 2 with one line naming the cause, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, _env
+
+# (case id, command after `python`, text the one-line error must contain)
+BAD_DAEMON_SETS = [
+    ("unknown top-level key", ["nonsense=1"], "nonsense: unknown key"),
+    ("unknown env key", ["env.bogus=1"], "env.bogus: unknown key"),
+    ("unknown agent key", ["agent.learning_rate=0.1"], "agent.learning_rate: unknown key"),
+    ("unknown checkpoint key", ["checkpoint.every=5"], "checkpoint.every: unknown key"),
+    ("unknown run key", ["run.steps=5"], "run.steps: unknown key"),
+    ("unknown log key", ["log.verbose=true"], "log.verbose: unknown key"),
+    ("unknown faults key", ["faults.retry=1"], "faults.retry: unknown key"),
+    ("gamma not a number", ["agent.gamma=high"], "agent.gamma: must be float"),
+    ("kwargs not a mapping", ["env.kwargs=3"], "env.kwargs: must be dict"),
+    ("max_steps fractional", ["run.max_steps=1.5"], "run.max_steps: must be int or null"),
+    ("bool as text", ["agent.normalize_observations=maybe"],
+     "agent.normalize_observations: must be bool"),
+    ("gamma above 1", ["agent.gamma=1.5"], "agent.gamma: must be in [0.0, 1.0]"),
+    ("keep zero", ["checkpoint.keep=0"], "checkpoint.keep: must be >= 1"),
+    ("negative interval", ["checkpoint.every_steps=-1"], "checkpoint.every_steps: must be >= 1"),
+    ("unknown network", ["agent.network=resnet"], "agent.network: must be one of"),
+    ("unknown optimizer", ["agent.optimizer=sgd"], "agent.optimizer: must be one of"),
+    ("unknown env id", ["env.id=NoSuchGame-v9"], "env.id: unknown environment id"),
+    ("bad env kwargs", ["env.id=CartPole-v1", "env.kwargs={wheels: 4}"], "env.id: bad kwargs"),
+    ("adam with traces", ["agent.optimizer=adam"], "agent.lambda: must be 0 with optimizer adam"),
+    ("section set to a value", ["agent=3"], "agent: must be a mapping"),
+    ("key under a value", ["agent.gamma.x=1"], "'gamma' is not a section"),
+    ("override without =", ["agent.gamma"], "expected KEY=VALUE"),
+    ("image net on vectors", ["env.id=CartPole-v1", "agent.network=seed"],
+     "agent.network: network 'seed' needs image observations"),
+    ("negative seed", ["seed=-1"], "seed: must be >= 0"),
+    ("sticky probability 1", ["env.repeat_action_probability=1.0"],
+     "env.repeat_action_probability: must be in [0, 1)"),
+    ("unknown log level", ["log.level=LOUD"], "log.level: must be DEBUG"),
+    ("unknown fault policy", ["faults.on_nonfinite=ignore"], "faults.on_nonfinite: must be one"),
+]
+
+
+def _daemon_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    syntax = tmp / "syntax.yaml"
+    syntax.write_text("agent:\n  gamma: [0.9\n")
+    listing = tmp / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    a_file = tmp / "a-file"
+    a_file.write_text("")
+    daemon = ["-m", "runtime.daemon"]
+    base = [*daemon, "--config", "config.yaml", "--run-dir", str(tmp / "run")]
+    cases = [(name, [*base, *sum((["--set", s] for s in sets), [])], text)
+             for name, sets, text in BAD_DAEMON_SETS]
+    return cases + [
+        ("missing config file", [*daemon, "--config", str(tmp / "none.yaml")],
+         "cannot read config"),
+        ("YAML syntax error", [*daemon, "--config", str(syntax)], "YAML syntax error at line"),
+        ("config is a list", [*daemon, "--config", str(listing)], "must be a mapping"),
+        ("no --config", daemon, "the following arguments are required: --config"),
+        ("unknown flag", [*base, "--turbo"], "unrecognized arguments: --turbo"),
+        ("max-steps not a number", [*base, "--max-steps", "lots"], "invalid int value"),
+        ("unwritable run dir", [*daemon, "--config", "config.yaml", "--run-dir",
+                                str(a_file / "run")], "run.dir: cannot write to"),
+    ]
+
+
+def _tool_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    garbage = tmp / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    text_model = tmp / "model.onnx"
+    text_model.write_text("hello")
+    export = [str(ROOT / "tools" / "export_onnx.py")]
+    infer = ["-m", "runtime.infer"]
+    return [
+        ("export: no source", [*export, "--out", str(tmp / "p.onnx")], "--run-dir"),
+        ("export: missing run dir", [*export, "--run-dir", str(tmp / "nope"), "--out",
+                                     str(tmp / "p.onnx")], "nope"),
+        ("export: corrupt checkpoint", [*export, "--checkpoint", str(garbage), "--out",
+                                        str(tmp / "p.onnx")], "bad magic"),
+        ("export: both sources", [*export, "--run-dir", str(tmp), "--checkpoint", str(garbage),
+                                  "--out", str(tmp / "p.onnx")], "not allowed with"),
+        ("infer: missing model", [*infer, "--model", str(tmp / "none.onnx")], "not found"),
+        ("infer: not an ONNX file", [*infer, "--model", str(text_model)],
+         "not a loadable ONNX model"),
+        ("infer: zero threads", [*infer, "--model", str(text_model), "--threads", "0"],
+         "threads"),
+        ("infer: no model", infer, "the following arguments are required: --model"),
+    ]
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=_env(), text=True,
+                          capture_output=True, timeout=120)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    # The ALE prints a two-line banner when it loads; it is not ours to silence.
+    return [line for line in stderr.strip().splitlines()
+            if line and not line.startswith(("A.L.E:", "[Powered by Stella]"))]
+
+
+def test_at_least_thirty_bad_inputs_each_exit_2_with_one_line(tmp_path: Path) -> None:
+    cases = _daemon_cases(tmp_path) + _tool_cases(tmp_path)
+    assert len(cases) >= 30
+    failures = []
+    for name, argv, expected in cases:
+        done = _run(argv)
+        lines = _error_lines(done.stderr)
+        if done.returncode != 2 or len(lines) != 1 or expected not in lines[0] \
+                or "Traceback" in done.stderr:
+            failures.append(f"{name}: exit {done.returncode}, stderr {done.stderr!r}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("flag", ["--help"])
+def test_help_is_not_an_error(flag: str) -> None:
+    assert _run(["-m", "runtime.daemon", flag]).returncode == 0
