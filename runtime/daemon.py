@@ -29,6 +29,7 @@ from runtime.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, Stre
 from runtime.metrics import MetricsLog, write_status
 from runtime.sdnotify import Notifier
 from runtime.streams import AtariOptions, Stream, StreamError, make_stream
+from runtime.video import GameRecorder, VideoError
 
 log = logging.getLogger("runtime.daemon")
 
@@ -220,6 +221,7 @@ class Daemon:
                     continue
                 if summary is not None:
                     metrics.write(progress.game_record(summary))
+                    self._film_next_game(loop, summary.game)
                 now = time.monotonic()
                 if (every_steps and self.counters.steps % every_steps == 0) \
                         or now >= next_ckpt_time:
@@ -231,9 +233,27 @@ class Daemon:
             return self._shut_down(progress)
         finally:
             self.notifier.stopping()
+            if loop.recorder is not None:
+                loop.recorder.finish()
             metrics.close()
             self.stream.close()
             self.stop.restore()
+
+    def _film_next_game(self, loop: ActingLoop, game: int) -> None:
+        """log.video_every_episodes: film the game after every Nth one (never fatal)."""
+        every = self.config.log.video_every_episodes
+        if loop.recorder is not None:
+            loop.recorder.finish()
+            log.info("video %s", loop.recorder.paths[-1])
+            loop.recorder = None
+        if not every or game % every:
+            return
+        try:
+            recorder = GameRecorder(self.run_dir / "videos")
+            recorder.start(f"game-{game + 1:06d}-step-{self.counters.steps:09d}")
+            loop.recorder = recorder
+        except VideoError as exc:
+            log.warning("cannot record video: %s", exc)
 
     def _shut_down(self, progress: Progress) -> int:
         why = self.stop.reason or f"reached run.max_steps={self.config.run.max_steps}"

@@ -19,10 +19,13 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import onnxruntime as ort
+
+if TYPE_CHECKING:
+    from runtime.video import GameRecorder
 
 FORMAT_VERSION = "1"
 KNOWN_FORMAT_VERSIONS = ("1",)
@@ -205,50 +208,8 @@ def _percentile_us(latencies_ns: Sequence[int], q: float) -> float | None:
     return round(float(np.percentile(np.asarray(latencies_ns, dtype=np.float64), q)) / 1e3, 1)
 
 
-class _Recorder:
-    """One MP4 per game under a directory (imageio + its bundled ffmpeg, imported lazily)."""
-
-    def __init__(self, directory: Path, fps: int) -> None:
-        try:
-            import imageio.v2 as imageio
-        except ImportError:
-            raise ModelError("--record needs the imageio and imageio-ffmpeg packages") from None
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ModelError(f"--record: cannot create {directory} ({exc.strerror})") from None
-        self._imageio = imageio
-        self.directory = directory
-        self.fps = fps
-        self._writer: Any = None
-        self.paths: list[str] = []
-
-    def start(self, game: int) -> None:
-        path = self.directory / f"game-{game:04d}.mp4"
-        # macro_block_size=1: Atari's 210x160 screen is written as is, not rescaled.
-        self._writer = self._imageio.get_writer(path, fps=self.fps, codec="libx264",
-                                                macro_block_size=1)
-        self.paths.append(str(path))
-
-    def frame(self, render: Any) -> None:
-        """Append the stream's current RGB frame (`render()`) to the open video."""
-        if self._writer is None:
-            return
-        try:
-            rgb = render()
-            if rgb is not None:
-                self._writer.append_data(np.ascontiguousarray(rgb))
-        except Exception as exc:  # noqa: BLE001 - renderer or encoder: cannot record
-            raise ModelError(f"--record: cannot capture frames ({_one_line(exc)})") from None
-
-    def finish(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
 def play(policy: Policy, stream: Any, *, episodes: int = 1, max_steps: int | None = None,
-         sample: bool = False, seed: int = 0, recorder: _Recorder | None = None,
+         sample: bool = False, seed: int = 0, recorder: GameRecorder | None = None,
          env_id: str | None = None) -> dict[str, Any]:
     """Play whole games (info["game_over"]) and return the summary dict the CLI prints."""
     check_fits(policy, stream.spec, env_id)
@@ -259,7 +220,7 @@ def play(policy: Policy, stream: Any, *, episodes: int = 1, max_steps: int | Non
     render = getattr(stream, "render_rgb", lambda: None)
     obs = stream.reset()
     if recorder is not None:
-        recorder.start(0)
+        recorder.start("game-0000")
         recorder.frame(render)
     clock = time.perf_counter_ns
     start = time.perf_counter()
@@ -279,7 +240,7 @@ def play(policy: Policy, stream: Any, *, episodes: int = 1, max_steps: int | Non
                 if recorder is not None:
                     recorder.finish()
                     if len(returns) < episodes:
-                        recorder.start(len(returns))
+                        recorder.start(f"game-{len(returns):04d}")
             if terminated or truncated:
                 obs = stream.reset()
                 if recorder is not None and len(returns) < episodes:
@@ -343,6 +304,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from runtime.streams import StreamError  # torch-free; gymnasium is needed to play anyway
+    from runtime.video import VideoError  # numpy only; imageio is imported when recording
 
     stream = None
     try:
@@ -358,10 +320,14 @@ def main(argv: list[str] | None = None) -> int:
                 stream.close()
                 stream = make_stream_from_metadata(policy.metadata, env_id, seed=args.seed,
                                                    extra_kwargs={"render_mode": "rgb_array"})
-            fps = 30
-            recorder = _Recorder(Path(args.record), fps)
+            from runtime.video import GameRecorder  # only when recording: imageio is optional
+
+            recorder = GameRecorder(Path(args.record), fps=30)
         summary = play(policy, stream, episodes=args.episodes, max_steps=args.max_steps,
                        sample=args.sample, seed=args.seed, recorder=recorder, env_id=env_id)
+    except VideoError as exc:
+        print(f"infer: error: --record: {exc}", file=sys.stderr)
+        return 2
     except (_UsageError, ModelError, StreamError) as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
         return 2

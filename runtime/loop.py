@@ -6,6 +6,7 @@ daemon decides what to do with time, files, signals and failures.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -14,6 +15,9 @@ import numpy as np
 from agent.learner import A2CLearner, Transition
 from agent.optimizers import NonFiniteError
 from runtime.streams import Stream
+from runtime.video import GameRecorder, VideoError
+
+log = logging.getLogger(__name__)
 
 # Metrics averaged over a game for metrics.jsonl.
 AVERAGED = ("actor_loss", "critic_loss", "entropy", "td_error", "value")
@@ -83,6 +87,7 @@ class ActingLoop:
         self.counters = counters
         self.rollback_on_nonfinite = rollback_on_nonfinite
         self._tally = _GameTally()
+        self.recorder: GameRecorder | None = None  # set while a game is being filmed
         self.attach(stream)
 
     def attach(self, stream: Stream) -> None:
@@ -107,6 +112,8 @@ class ActingLoop:
         except Exception as exc:  # noqa: BLE001 - any sensor failure is recoverable
             raise StreamFault(f"step: {type(exc).__name__}: {exc}") from exc
         self.counters.steps += 1
+        if self.recorder is not None:
+            self._film()
         if not math.isfinite(reward) or (self._float_obs and not np.isfinite(next_obs).all()):
             # A corrupt reading: learn nothing from it, and start a clean episode.
             self.counters.faults.nonfinite_inputs += 1
@@ -122,6 +129,14 @@ class ActingLoop:
                 raise RollbackNeeded from None
             metrics = None
         return self._tally_step(metrics, reward, terminated or truncated, next_obs, info)
+
+    def _film(self) -> None:
+        try:
+            self.recorder.frame(self.stream.render_rgb)
+        except VideoError as exc:  # a video is never worth stopping the agent for
+            log.warning("video recording stopped: %s", exc)
+            self.recorder.finish()
+            self.recorder = None
 
     def _tally_step(self, metrics: dict[str, float] | None, reward: float, done: bool,
                     next_obs: np.ndarray, info: dict) -> GameSummary | None:

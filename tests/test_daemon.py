@@ -45,6 +45,15 @@ def test_breakout_run_learns_from_frames(run_dir: Path) -> None:
     assert payload["spec"]["network"] == "stream" and payload["counters"]["steps"] == 300
 
 
+def test_every_nth_game_is_filmed(run_dir: Path) -> None:
+    done = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "700",
+                                          "--set", "log.video_every_episodes=2"))
+    assert done.returncode == 0, done.stderr
+    videos = sorted((run_dir / "videos").glob("game-*.mp4"))
+    assert videos and all(v.stat().st_size > 1000 for v in videos)
+    assert all(int(v.name.split("-")[1]) % 2 == 1 for v in videos)  # games 3, 5, ...
+
+
 def test_keep_is_honoured(run_dir: Path) -> None:
     done = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "500", *CARTPOLE,
                                           "--set", "checkpoint.every_steps=50",
