@@ -11,6 +11,7 @@ import argparse
 import fcntl
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -389,10 +390,21 @@ class Progress:
             "step": c.steps, "episodes": c.episodes, "games": c.games,
             "last_checkpoint_step": self.daemon.last_checkpoint_step,
             "steps_per_s": round(self.steps_per_s, 1), "pid": os.getpid(), "state": state,
-            "faults": asdict(c.faults),
+            "faults": asdict(c.faults), **memory_mb(),
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
         })
+
+
+def memory_mb() -> dict[str, float]:
+    """Current and peak resident memory (a leak shows as rss_mb creeping up over days)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        rss = float("nan")
+    return {"rss_mb": round(rss, 1), "peak_rss_mb": round(peak, 1)}
 
 
 def setup_logging(config: Config, log_file: Path) -> None:

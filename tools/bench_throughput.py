@@ -1,0 +1,185 @@
+"""Throughput of the learning loop: the daemon's own loop vs faithful baselines, side by side.
+
+    python tools/bench_throughput.py [--blocks 5] [--block-steps 400] [--threads 1]
+
+Variants, run alternating in blocks on ALE/Breakout-v5 with the same stream (our Atari
+preprocessing) so machine noise hits all alike:
+  seed-loop     the seed notebook's loop: float32 frames, two full forwards per step,
+                backward, clip_grad_norm_, Adam (foreach), seed network
+  daemon-seed   runtime.loop.ActingLoop + A2CLearner with presets/seed.yaml (seed net, Adam)
+  streamx-loop  the public stream AC(lambda) script's update: V(s), V(s') and pi(s) as separate
+                forwards, two backward passes, ObGD with per-parameter Python loops and .item()
+  daemon-stream ActingLoop + A2CLearner with the default config.yaml (stream net, ObGD)
+Prints one JSON object: steps/s per variant (median, min, max over blocks) and the ratios
+daemon/baseline per network. One learner update per environment step everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from agent.learner import A2CLearner  # noqa: E402
+from agent.networks import build_network  # noqa: E402
+from runtime.config import load_config  # noqa: E402
+from runtime.daemon import open_stream  # noqa: E402
+from runtime.loop import ActingLoop, Counters  # noqa: E402
+
+Step = Callable[[], None]
+
+
+def daemon_loop(config_path: Path) -> Step:
+    """The exact code path the daemon runs per step."""
+    config = load_config(config_path)
+    stream = open_stream(config, config.seed)
+    learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
+    loop = ActingLoop(learner, stream, Counters())
+    return loop.step
+
+
+def seed_loop() -> Step:
+    """The seed notebook's training step (its compute, with gamma used and V(s') detached)."""
+    stream = open_stream(load_config(None), 0)
+    net = build_network("seed", stream.spec.observation_shape, stream.spec.num_actions,
+                        hidden_size=256, sparsity=0.0, normalize=False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    state = {"s": torch.tensor(stream.reset(), dtype=torch.float32).unsqueeze(0)}
+
+    def step() -> None:
+        logits, value = net.heads(state["s"] / 255.0)
+        dist = torch.distributions.Categorical(logits=logits)
+        action = dist.sample()
+        log_prob, entropy = dist.log_prob(action), dist.entropy()
+        obs, reward, done, truncated, _ = stream.step(action.item())
+        nxt = torch.tensor(obs, dtype=torch.float32).unsqueeze(0)
+        _, next_value = net.heads(nxt / 255.0)
+        next_value = next_value * (0.0 if done else 1.0)
+        td_error = reward + 0.99 * next_value.detach() - value
+        loss = -log_prob * td_error.detach() + 0.5 * td_error.pow(2) - 2e-3 * entropy
+        optimizer.zero_grad()
+        loss.sum().backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)
+        optimizer.step()
+        state["s"] = nxt if not (done or truncated) else torch.tensor(
+            stream.reset(), dtype=torch.float32).unsqueeze(0)
+    return step
+
+
+class _ObGDScript(torch.optim.Optimizer):
+    """The public stream-x ObGD: per-parameter traces, Python loops, .item() per tensor."""
+
+    def __init__(self, params, lr: float = 1.0, gamma: float = 0.99, lamda: float = 0.8,
+                 kappa: float = 2.0) -> None:
+        super().__init__(params, {"lr": lr, "gamma": gamma, "lamda": lamda, "kappa": kappa})
+
+    def step(self, delta: float, reset: bool = False) -> None:  # type: ignore[override]
+        z_sum = 0.0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["eligibility_trace"] = torch.zeros_like(p.data)
+                e = state["eligibility_trace"]
+                e.mul_(group["gamma"] * group["lamda"]).add_(p.grad, alpha=1.0)
+                z_sum += e.abs().sum().item()
+        dot = max(abs(delta), 1.0) * z_sum * group["lr"] * group["kappa"]
+        step_size = group["lr"] / dot if dot > 1 else group["lr"]
+        for group in self.param_groups:
+            for p in group["params"]:
+                e = self.state[p]["eligibility_trace"]
+                p.data.add_(delta * e, alpha=-step_size)
+                if reset:
+                    e.zero_()
+
+
+def streamx_loop() -> Step:
+    """The public stream AC(lambda) script's per-step update, on the stream network."""
+    config = load_config(ROOT / "config.yaml")
+    stream = open_stream(config, 0)
+    net = build_network("stream", stream.spec.observation_shape, stream.spec.num_actions,
+                        hidden_size=256, sparsity=0.9, normalize=True)
+    pi, v = net.policy_head, net.value_head
+    opt_pi = _ObGDScript(pi.parameters(), kappa=3.0)
+    opt_v = _ObGDScript(v.parameters(), kappa=2.0)
+    norm = net.preprocess
+    state = {"s": stream.reset()}
+
+    def prep(obs) -> torch.Tensor:  # the script normalises every observation on arrival
+        x = torch.tensor(obs).unsqueeze(0)
+        norm.observe(x)
+        return norm(x)
+
+    state["x"] = prep(state["s"])
+
+    def step() -> None:
+        s = state["x"]
+        with torch.no_grad():
+            action = torch.multinomial(F.softmax(pi(s), -1), 1).item()
+        obs, reward, done, truncated, _ = stream.step(action)
+        s_prime = prep(obs)
+        v_s, v_prime = v(s), v(s_prime)
+        delta = reward + 0.99 * v_prime * (0.0 if done else 1.0) - v_s
+        dist = torch.distributions.Categorical(logits=pi(s))
+        log_prob = -dist.log_prob(torch.tensor([action])).sum()
+        entropy = -0.01 * dist.entropy().sum() * torch.sign(delta).item()
+        opt_v.zero_grad()
+        opt_pi.zero_grad()
+        (-v_s).sum().backward()
+        (log_prob + entropy).backward()
+        opt_pi.step(delta.item(), reset=done or truncated)
+        opt_v.step(delta.item(), reset=done or truncated)
+        state["x"] = s_prime if not (done or truncated) else prep(stream.reset())
+    return step
+
+
+def time_block(step: Step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--block-steps", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = {"seed-loop": seed_loop(),
+                "daemon-seed": daemon_loop(ROOT / "presets" / "seed.yaml"),
+                "streamx-loop": streamx_loop(),
+                "daemon-stream": daemon_loop(ROOT / "config.yaml")}
+    for step in variants.values():
+        time_block(step, 50)  # warm-up: allocator, oneDNN primitive caches
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.blocks):
+        for name, step in variants.items():
+            rates[name].append(time_block(step, args.block_steps))
+
+    def ratio(a: str, b: str) -> float:
+        return round(statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True)), 2)
+
+    print(json.dumps({
+        "torch_threads": args.threads, "blocks": args.blocks, "block_steps": args.block_steps,
+        "steps_per_s": {name: {"median": round(statistics.median(r), 1),
+                               "min": round(min(r), 1), "max": round(max(r), 1)}
+                        for name, r in rates.items()},
+        "ratio_daemon_over_seed_loop (seed net)": ratio("daemon-seed", "seed-loop"),
+        "ratio_daemon_over_streamx_loop (stream net)": ratio("daemon-stream", "streamx-loop"),
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
