@@ -112,14 +112,15 @@ class A2CLearner:
             with torch.no_grad():
                 next_value = float(self.net.value(self._inputs(t.next_observation)))
         delta = reward + self.config.gamma * next_value - value[0]
-        if not math.isfinite(float(delta.detach())):
-            # A NaN/Inf reward, observation or prediction: refuse before any state changes.
+        delta_f = float(delta.detach())
+        if not math.isfinite(delta_f):
+            # A NaN/Inf reward, observation or prediction: refuse before any weight changes.
             raise NonFiniteError(f"TD error is not finite (reward {t.reward!r})")
         log_probs = F.log_softmax(logits[0], dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum()
         beta = self.config.entropy_at(self.updates)
         if self.config.optimizer == "obgd":
-            metrics = self._obgd_step(delta, log_probs[t.action], entropy, value[0], beta, done)
+            metrics = self._obgd_step(delta_f, log_probs[t.action], entropy, value[0], beta, done)
         else:
             metrics = self._adam_step(delta, log_probs[t.action], entropy, beta)
         self.updates += 1
@@ -135,9 +136,8 @@ class A2CLearner:
             return max(-1.0, min(1.0, reward))
         return reward
 
-    def _obgd_step(self, delta: torch.Tensor, log_prob: torch.Tensor, entropy: torch.Tensor,
+    def _obgd_step(self, delta_f: float, log_prob: torch.Tensor, entropy: torch.Tensor,
                    value: torch.Tensor, beta: float, done: bool) -> dict[str, float]:
-        delta_f = float(delta.detach())
         # stream-x: the entropy bonus is signed by delta so it pushes with the trace.
         policy_objective = -(log_prob + beta * float(np.sign(delta_f)) * entropy)
         value_objective = -value

@@ -2,7 +2,8 @@
 
 Lifecycle only — config, run directory, signals, checkpoints, metrics, logging. The RL
 lives in the learner and the acting loop. Exit codes: 0 clean stop, 2 bad usage, config
-or stored state (one line naming the cause), 1 a fatal runtime error (logged).
+or stored state (one line naming the cause), 1 a fatal runtime error or a final checkpoint
+that could not be written (logged), 3 the stream kept failing (after a final checkpoint).
 """
 
 from __future__ import annotations
