@@ -74,6 +74,8 @@ class LogConfig:
     status_every_seconds: float = option(5.0, "Interval of status.json rewrites.", at_least(0.1))
     video_every_episodes: int = option(0, "Record every Nth finished game as MP4 under "
                                        "RUN_DIR/videos/; 0 = off.", at_least(0))
+    tensorboard: bool = option(False, "Also write per-game scalars for TensorBoard under "
+                               "RUN_DIR/tensorboard/ (needs the tensorboard package).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from agent.learner import A2CLearner
 from runtime.checkpoints import CheckpointError, CheckpointStore, write_atomic
 from runtime.config import Config, ConfigError, load_config, to_dict
 from runtime.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, StreamFault
-from runtime.metrics import MetricsLog, write_status
+from runtime.metrics import MetricsLog, TensorBoardLog, write_status
 from runtime.sdnotify import Notifier
 from runtime.streams import AtariOptions, Stream, StreamError, make_stream
 from runtime.video import GameRecorder, VideoError
@@ -137,6 +137,12 @@ class Daemon:
         except ValueError as exc:
             raise UsageError(f"agent.network: {exc}") from None
         self._restore()
+        self.tensorboard = None
+        if self.config.log.tensorboard:
+            try:
+                self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard")
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         resolved = yaml.safe_dump(to_dict(self.config), sort_keys=False)
         write_atomic(self.run_dir / "config.yaml", resolved.encode())
         log.info("resolved config:\n%s", resolved.rstrip())
@@ -222,7 +228,10 @@ class Daemon:
                     self.rollback("a non-finite update")
                     continue
                 if summary is not None:
-                    metrics.write(progress.game_record(summary))
+                    record = progress.game_record(summary)
+                    metrics.write(record)
+                    if self.tensorboard is not None:
+                        self.tensorboard.write(record)
                     self._film_next_game(loop, summary.game)
                 now = time.monotonic()
                 if (every_steps and self.counters.steps % every_steps == 0) \
@@ -238,6 +247,8 @@ class Daemon:
             if loop.recorder is not None:
                 loop.recorder.finish()
             metrics.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             self.stream.close()
             self.stop.restore()
 

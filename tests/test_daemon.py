@@ -54,6 +54,14 @@ def test_every_nth_game_is_filmed(run_dir: Path) -> None:
     assert all(int(v.name.split("-")[1]) % 2 == 1 for v in videos)  # games 3, 5, ...
 
 
+def test_tensorboard_scalars_are_written_when_asked(run_dir: Path) -> None:
+    done = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "300", *CARTPOLE,
+                                          "--set", "log.tensorboard=true"))
+    assert done.returncode == 0, done.stderr
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
 def test_keep_is_honoured(run_dir: Path) -> None:
     done = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "500", *CARTPOLE,
                                           "--set", "checkpoint.every_steps=50",
