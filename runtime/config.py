@@ -61,6 +61,11 @@ class RunConfig:
     dir: str = option("runs/default", "Run directory (metrics, status, checkpoints).")
     torch_threads: int = option(1, "torch intra-op threads; one update is too small to "
                                 "split, so 1 is fastest.", at_least(1))
+    onednn: str = option("auto", "auto | on | off: oneDNN (mkldnn) convolutions. auto = off "
+                         "for the stream network, whose small convolutions run ~30% faster "
+                         "on torch's own kernels (tools/bench_throughput.py), on otherwise.",
+                         lambda v: None if v in ("auto", "on", "off")
+                         else "must be one of auto, on, off")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,6 +67,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
+def configure_torch(config: Config, network: str) -> None:
+    """Process-wide torch settings for the learner (threads, convolution backend)."""
+    torch.set_num_threads(config.run.torch_threads)
+    onednn = config.run.onednn
+    torch.backends.mkldnn.enabled = onednn == "on" or (onednn == "auto" and network != "stream")
+
+
 def open_stream(config: Config, seed: int) -> Stream:
     env = config.env
     atari = AtariOptions(frame_skip=env.frame_skip, screen_size=env.screen_size,
@@ -125,7 +132,6 @@ class Daemon:
             raise UsageError(f"run.dir: cannot write to {self.run_dir} ({exc.strerror})") from None
         self._lock_run_dir()
         setup_logging(self.config, self.run_dir / "daemon.log")
-        torch.set_num_threads(self.config.run.torch_threads)
         try:
             self.stream = open_stream(self.config, self.config.seed)
         except StreamError as exc:
@@ -136,6 +142,7 @@ class Daemon:
                                       spec.num_actions, seed=self.config.seed)
         except ValueError as exc:
             raise UsageError(f"agent.network: {exc}") from None
+        configure_torch(self.config, self.learner.network_name)
         self._restore()
         self.tensorboard = None
         if self.config.log.tensorboard:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from agent.learner import A2CLearner  # noqa: E402
 from agent.networks import build_network  # noqa: E402
 from runtime.config import load_config  # noqa: E402
-from runtime.daemon import open_stream  # noqa: E402
+from runtime.daemon import configure_torch, open_stream  # noqa: E402
 from runtime.loop import ActingLoop, Counters  # noqa: E402
 
 Step = Callable[[], None]
@@ -44,7 +44,19 @@ def daemon_loop(config_path: Path) -> Step:
     stream = open_stream(config, config.seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
     loop = ActingLoop(learner, stream, Counters())
-    return loop.step
+
+    def step() -> None:
+        configure_torch(config, learner.network_name)  # as the daemon sets it (~1 us)
+        loop.step()
+    return step
+
+
+def _baseline(step: Step) -> Step:
+    """Baselines run with torch's defaults (oneDNN on), whatever a daemon variant set."""
+    def run() -> None:
+        torch.backends.mkldnn.enabled = True
+        step()
+    return run
 
 
 def seed_loop() -> Step:
@@ -156,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = {"seed-loop": seed_loop(),
+    variants = {"seed-loop": _baseline(seed_loop()),
                 "daemon-seed": daemon_loop(ROOT / "presets" / "seed.yaml"),
-                "streamx-loop": streamx_loop(),
+                "streamx-loop": _baseline(streamx_loop()),
                 "daemon-stream": daemon_loop(ROOT / "config.yaml")}
     for step in variants.values():
         time_block(step, 50)  # warm-up: allocator, oneDNN primitive caches
