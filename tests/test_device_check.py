@@ -1,0 +1,325 @@
+"""tools/device_check.py without the emulator: parity logic, the recorded frame set, the
+native side of the check on an exported model, and what is copied onto the device. The
+emulated run itself takes minutes and runs only with RUN_DEVICE_CHECK=1."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, _env, cli
+
+TOOL = ROOT / "tools" / "device_check.py"
+FRAMES = ROOT / "tests" / "data" / "breakout_frames.npz"
+
+
+def _load_tool() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("device_check", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+dc = _load_tool()
+
+
+def _tool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(TOOL), *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout, env=_env())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 100-step Breakout checkpoint exported to ONNX (made once)."""
+    base = tmp_path_factory.mktemp("device")
+    done = cli("runtime.daemon", "--config", "config.yaml", "--run-dir", str(base / "run"),
+               "--max-steps", "100", "--set", "checkpoint.every_steps=100000")
+    assert done.returncode == 0, done.stderr
+    out = base / "policy.onnx"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "export_onnx.py"), "--run-dir",
+                           str(base / "run"), "--out", str(out)], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300, env=_env())
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+# -- parity logic ----------------------------------------------------------------------------
+
+def _logits(n: int = 96, actions: int = 4, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, actions)).astype(np.float32)
+
+
+def test_identical_logits_agree_fully() -> None:
+    ref = _logits()
+    result = dc.compare_logits(ref, ref.copy())
+    assert result["action_agreement"] == 1.0
+    assert result["max_abs_logit_diff"] == 0.0
+    assert result["passed"] and result["disagreeing_frames"] == []
+    assert result["frames"] == 96
+
+
+def test_small_noise_keeps_actions_and_reports_the_difference() -> None:
+    ref = _logits()
+    noisy = ref + np.float32(3e-7) * np.sign(_logits(seed=1))
+    result = dc.compare_logits(ref, noisy)
+    assert result["passed"] and result["action_agreement"] == 1.0
+    assert 2e-7 < result["max_abs_logit_diff"] < 4e-7
+
+
+def test_a_flipped_argmax_is_detected() -> None:
+    ref = _logits()
+    cand = ref.copy()
+    best = int(ref[17].argmax())
+    cand[17, (best + 1) % 4] = ref[17, best] + 1.0  # another action now wins frame 17
+    result = dc.compare_logits(ref, cand)
+    assert result["disagreeing_frames"] == [17]
+    assert result["action_agreement"] == pytest.approx(95 / 96)
+    assert not result["passed"]  # 98.96% < 99.9%
+    assert result["max_abs_logit_diff"] > 0.5
+
+
+def test_threshold_is_enforced_inclusively() -> None:
+    ref = _logits(n=1000)
+    for flips, passed in ((0, True), (1, True), (2, False)):
+        cand = ref.copy()
+        for i in range(flips):
+            cand[i] = ref[i][::-1] if ref[i].argmax() != ref[i][::-1].argmax() else -ref[i]
+        result = dc.compare_logits(ref, cand)
+        assert result["action_agreement"] == pytest.approx(1 - flips / 1000)
+        assert result["passed"] is passed, (flips, result)
+    # The int8 bar is an argument: 96% passes at 0.95, not at 0.97.
+    cand = ref.copy()
+    cand[:40] = -ref[:40]
+    agreement = dc.compare_logits(ref, cand)["action_agreement"]
+    assert agreement == pytest.approx(0.96)
+    assert dc.compare_logits(ref, cand, 0.95)["passed"]
+    assert not dc.compare_logits(ref, cand, 0.97)["passed"]
+
+
+def test_non_finite_or_mismatched_logits() -> None:
+    ref = _logits()
+    bad = ref.copy()
+    bad[3, 0] = np.nan
+    result = dc.compare_logits(ref, bad)
+    assert not result["passed"] and result["max_abs_logit_diff"] is None
+    with pytest.raises(ValueError, match="one shape"):
+        dc.compare_logits(ref, ref[:-1])
+    with pytest.raises(ValueError, match="one shape"):
+        dc.compare_logits(ref[0], ref[0])
+    with pytest.raises(ValueError, match="min_agreement"):
+        dc.compare_logits(ref, ref, 1.5)
+
+
+# -- the frame set ---------------------------------------------------------------------------
+
+def test_frame_set_shape_and_dtype() -> None:
+    frames = dc.load_frames(FRAMES)
+    assert frames.dtype == np.uint8
+    assert frames.shape[1:] == (4, 84, 84) and 64 <= frames.shape[0] <= 128
+    assert FRAMES.stat().st_size < 200_000
+
+
+def test_frame_set_is_real_breakout_not_noise() -> None:
+    frames = dc.load_frames(FRAMES)
+    # Mostly the black background...
+    assert np.bincount(frames.ravel(), minlength=256).argmax() == 0
+    assert (frames == 0).mean() > 0.5
+    # ... the four frames of a stack nearly identical (noise would not correlate) ...
+    flat = frames.astype(np.float64)
+    assert np.corrcoef(flat[:, 0].ravel(), flat[:, 3].ravel())[0, 1] > 0.9
+    assert np.abs(np.diff(flat, axis=1)).mean() < 5
+    # ... yet the observations differ from one another (the ball, the paddle, the bricks).
+    assert len({f.tobytes() for f in frames}) == len(frames)
+    with np.load(FRAMES) as data:
+        steps = data["steps"]
+        assert str(data["env_id"]) == "ALE/Breakout-v5"
+    assert len(steps) == len(frames) and steps[-1] - steps[0] >= 300  # spread over games
+
+
+def test_frame_set_regenerates_identically(tmp_path: Path) -> None:
+    """--record-frames with the recorded seed and stride gives the same leading frames."""
+    with np.load(FRAMES) as data:
+        seed, stride = int(data["seed"]), int(data["stride"])
+        frames = data["frames"]
+    done = _tool("--record-frames", str(tmp_path / "f.npz"), "--count", "8",
+                 "--stride", str(stride), "--seed", str(seed))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["frames"] == 8 and summary["shape"] == [8, 4, 84, 84]
+    np.testing.assert_array_equal(dc.load_frames(tmp_path / "f.npz"), frames[:8])
+
+
+def test_bad_frame_files_are_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "nokey.npz", other=np.zeros((2, 4, 84, 84), np.uint8))
+    np.savez(tmp_path / "float.npz", frames=np.zeros((2, 4, 84, 84), np.float32))
+    (tmp_path / "junk.npz").write_text("not a zip")
+    for name, match in (("nokey", "no 'frames'"), ("float", "uint8"),
+                        ("junk", "not a readable"), ("missing", "not a readable")):
+        with pytest.raises(dc.DeviceCheckError, match=match):
+            dc.load_frames(tmp_path / f"{name}.npz")
+
+
+# -- the native side of the check ------------------------------------------------------------
+
+def test_probe_on_an_exported_model(exported: Path) -> None:
+    frames = dc.load_frames(FRAMES)
+    result = dc.probe(exported, frames)
+    logits, actions, summary = result["logits"], result["actions"], result["summary"]
+    assert logits.shape == (len(frames), 4) and logits.dtype == np.float32
+    np.testing.assert_array_equal(actions, logits.argmax(axis=1))
+    assert summary["graph_action_is_argmax"]
+    assert summary["size_bytes"] == exported.stat().st_size
+    assert summary["latency_us_p50"] > 0
+    assert dc.compare_logits(logits, dc.probe(exported, frames)["logits"])["passed"]
+
+
+def test_native_probe_process_is_torch_free(exported: Path, tmp_path: Path) -> None:
+    """The probe as the device runs it (its own process): no torch imported, a peak RSS."""
+    summary, arrays = dc.native_probe(exported, FRAMES, tmp_path / "probe.npz")
+    assert summary["machine"] == platform.machine()
+    assert summary["torch_imported"] is False
+    assert summary["vmhwm_kb"] and summary["vmhwm_kb"] >= summary["vmrss_kb"] > 0
+    assert arrays["logits"].shape == (summary["frames"], 4)
+    bare = json.loads(_tool("--bare").stdout)
+    assert 0 < bare["vmhwm_kb"] < summary["vmhwm_kb"]
+
+
+def test_int8_sibling_lookup(tmp_path: Path) -> None:
+    model = tmp_path / "policy.onnx"
+    model.write_bytes(b"x")
+    assert dc.int8_sibling(model) is None
+    (tmp_path / "policy.int8.onnx").write_bytes(b"y")
+    assert dc.int8_sibling(model) == tmp_path / "policy.int8.onnx"
+
+
+def test_only_the_inference_runtime_is_copied_in(tmp_path: Path) -> None:
+    device = dc.Device(tmp_path / "dev")
+    model = tmp_path / "policy.onnx"
+    model.write_bytes(b"onnx")
+    placed = device.stage_app([model], FRAMES)
+    app = device.rootfs / dc.APP.lstrip("/")
+    files = sorted(str(p.relative_to(app)) for p in app.rglob("*") if p.is_file())
+    runtime = dc.runtime_files()
+    assert files == sorted(["device_probe.py", "frames.npz", "model/policy.onnx", *runtime])
+    assert placed == {str(model): "model/policy.onnx"}
+    # The inference runtime and the modules it imports; nothing of the torch side.
+    assert {"runtime/__init__.py", "runtime/infer.py", "runtime/streams.py"} <= set(runtime)
+    assert not set(runtime) & {"runtime/config.py", "runtime/daemon.py",
+                               "runtime/checkpoints.py", "runtime/loop.py"}
+    assert all(f.startswith("runtime/") for f in runtime)
+
+
+def test_runtime_files_follow_imports(tmp_path: Path) -> None:
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "runtime" / "__init__.py").write_text("")
+    (tmp_path / "runtime" / "infer.py").write_text(
+        "import numpy\nfrom runtime.streams import x\n\ndef f():\n    import runtime.video\n")
+    (tmp_path / "runtime" / "streams.py").write_text("from runtime import helpers\n")
+    (tmp_path / "runtime" / "helpers.py").write_text("")
+    (tmp_path / "runtime" / "video.py").write_text("")
+    (tmp_path / "runtime" / "daemon.py").write_text("import torch\n")
+    assert dc.runtime_files(tmp_path) == ["runtime/__init__.py", "runtime/helpers.py",
+                                          "runtime/infer.py", "runtime/streams.py",
+                                          "runtime/video.py"]
+
+
+def test_probe_file_imports_nothing_heavy_at_module_level() -> None:
+    """The probe runs on the device with numpy and onnxruntime only."""
+    top = [line for line in TOOL.read_text().splitlines()
+           if re.match(r"(import|from) \w", line)]
+    modules = {re.match(r"(?:import|from) ([\w.]+)", line).group(1).split(".")[0]
+               for line in top}
+    assert modules <= {"__future__", "argparse", "ast", "contextlib", "ctypes", "hashlib", "json",
+                       "os", "platform", "shutil", "struct", "subprocess", "sys", "time",
+                       "collections", "pathlib", "typing", "numpy"}, modules
+
+
+def test_requirements_device_is_torch_free() -> None:
+    names = []
+    for line in (ROOT / "requirements-device.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            names.append(re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower())
+            assert re.search(r">=[\d.]+,<\d+", line), f"not a pinned-compatible range: {line}"
+    assert sorted(names) == ["ale-py", "gymnasium", "numpy", "onnxruntime", "pyyaml"]
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter is x86-64's")
+def test_untranslated_syscalls_fail_with_enosys(tmp_path: Path) -> None:
+    """proot 5.1 passes statx/faccessat2 paths through untranslated; the filter turns them
+    into ENOSYS so that glibc and qemu fall back to calls proot translates."""
+    script = ("import ctypes, os\n"
+              "libc = ctypes.CDLL(None, use_errno=True)\n"
+              "buf = ctypes.create_string_buffer(256)\n"
+              "r = libc.syscall(332, -100, b'/', 0, 0x7ff, buf)\n"
+              "e = ctypes.get_errno()\n"
+              "r2 = libc.syscall(439, -100, b'/', 0, 0)\n"
+              "print(r, e, r2, ctypes.get_errno(), os.access('/', os.R_OK), os.stat('/').st_mode)")
+    device = dc.Device(tmp_path)
+    rc, out, err, maxrss = device.host([sys.executable, "-c", script], "enosys", seccomp=True)
+    assert rc == 0, err
+    r, errno, r2, errno2, access, _ = out.split()
+    assert (r, errno, r2, errno2, access) == ("-1", "38", "-1", "38", "True")
+    assert maxrss > 0
+
+
+# -- command line ----------------------------------------------------------------------------
+
+def test_cli_exit_codes_follow_the_result(capsys: pytest.CaptureFixture[str],
+                                          tmp_path: Path) -> None:
+    model = tmp_path / "policy.onnx"
+    model.write_bytes(b"x")
+    ok = {"passed": True, "failures": []}
+    assert dc.main(["--model", str(model)], run=lambda args: ok) == 0
+    assert json.loads(capsys.readouterr().out) == ok
+    bad = {"passed": False, "failures": ["aarch64 vs x86 greedy actions agree on 98.00%"]}
+    assert dc.main(["--model", str(model)], run=lambda args: bad) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == bad
+    assert captured.err.strip() == "device_check: error: aarch64 vs x86 greedy actions agree " \
+                                   "on 98.00%"
+
+    def broken(args: object) -> dict:
+        raise dc.DeviceCheckError("debootstrap --foreign failed (exit 1): no network")
+
+    assert dc.main(["--model", str(model)], run=broken) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    assert dc.main(["--games", "0", "--model", str(model)]) == 2
+    assert dc.main([]) == 2
+    assert capsys.readouterr().out == ""
+
+
+def test_cli_refuses_a_missing_model_with_one_line(tmp_path: Path) -> None:
+    done = _tool("--model", str(tmp_path / "nope.onnx"), "--device-dir", str(tmp_path / "d"))
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("device_check: error: --model")
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+    assert not (tmp_path / "d").exists()
+
+
+# -- the emulated device (minutes; opt-in) ---------------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("RUN_DEVICE_CHECK") != "1",
+                    reason="emulated aarch64 device check: set RUN_DEVICE_CHECK=1 (minutes)")
+def test_emulated_device_check(exported: Path) -> None:
+    args = ["--model", str(exported), "--max-steps", "40"]
+    if os.environ.get("DEVICE_DIR"):
+        args += ["--device-dir", os.environ["DEVICE_DIR"]]
+    done = _tool(*args, timeout=4 * 3600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["passed"] and result["device"]["machine"] == "aarch64"
+    assert result["parity"]["action_agreement"] >= 0.999
+    assert result["device"]["torch_installed"] is False
+    assert result["game"]["device"]["steps"] == 40
