@@ -19,13 +19,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import yaml
 
 from agent.learner import A2CLearner
 from runtime.checkpoints import CheckpointError, CheckpointStore, write_atomic
+from runtime.cli import OneLineParser, UsageError
 from runtime.config import Config, ConfigError, load_config, to_dict
 from runtime.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, StreamFault
 from runtime.metrics import MetricsLog, TensorBoardLog, write_status
@@ -36,17 +37,8 @@ from runtime.video import GameRecorder, VideoError
 log = logging.getLogger("runtime.daemon")
 
 
-class UsageError(Exception):
-    """Bad input that stops the daemon before it starts: exit 2 with this one line."""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(prog="python -m runtime.daemon", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m runtime.daemon", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config file (see config.yaml)")
     parser.add_argument("--run-dir", help="run directory (overrides run.dir)")
     parser.add_argument("--max-steps", type=int, help="stop at this all-time step count "

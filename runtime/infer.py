@@ -19,10 +19,12 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
+
+from runtime.cli import OneLineParser, UsageError, positive_int
 
 if TYPE_CHECKING:
     from runtime.video import GameRecorder
@@ -267,37 +269,18 @@ def play(policy: Policy, stream: Any, *, episodes: int = 1, max_steps: int | Non
     return summary
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-_positive.__name__ = "positive int"  # argparse names the type in its error message
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(prog="python -m runtime.infer",
+    parser = OneLineParser(prog="python -m runtime.infer",
                             description="Play games with an exported ONNX actor (no torch).")
     parser.add_argument("--model", required=True, help="ONNX file from tools/export_onnx.py")
     parser.add_argument("--env", help="environment id (default: the model's env_id)")
-    parser.add_argument("--episodes", type=_positive, default=1, help="whole games to play")
+    parser.add_argument("--episodes", type=positive_int, default=1, help="whole games to play")
     parser.add_argument("--seed", type=int, default=0, help="seeds the stream and sampling")
     parser.add_argument("--sample", action="store_true",
                         help="sample from softmax(logits) instead of the greedy action")
-    parser.add_argument("--threads", type=_positive, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="onnxruntime intra-op threads")
-    parser.add_argument("--max-steps", type=_positive, help="stop after this many agent steps")
+    parser.add_argument("--max-steps", type=positive_int, help="stop after this many agent steps")
     parser.add_argument("--record", metavar="DIR", help="write one MP4 per game to DIR")
     return parser.parse_args(argv)
 
@@ -328,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except VideoError as exc:
         print(f"infer: error: --record: {exc}", file=sys.stderr)
         return 2
-    except (_UsageError, ModelError, StreamError) as exc:
+    except (UsageError, ModelError, StreamError) as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
         return 2
     finally:

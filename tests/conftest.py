@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -19,6 +21,15 @@ def cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedPr
     """Run `python -m module args` from the repository root; returns the finished process."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=timeout, env=_env())
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import tools/<name>.py as a module (tools/ holds scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def start_daemon(*args: str) -> subprocess.Popen[str]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnx
@@ -18,21 +16,13 @@ import torch
 from runtime.checkpoints import CheckpointStore, read_checkpoint
 from runtime.infer import ModelError, Policy, check_fits
 from runtime.streams import make_stream
-from tests.conftest import CARTPOLE, ROOT, _env, cli
+from tests.conftest import CARTPOLE, ROOT, _env, cli, load_tool
 
 EXPORT = ROOT / "tools" / "export_onnx.py"
 BREAKOUT_STEPS = 200
 
 
-def _load_export_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("export_onnx", EXPORT)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = _load_export_module()
+ex = load_tool("export_onnx")
 
 
 def _export(*args: str) -> subprocess.CompletedProcess[str]:

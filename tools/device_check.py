@@ -63,11 +63,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# runtime.* from the repository; on the device this file runs beside its runtime/ copy.
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+from runtime.cli import OneLineParser, UsageError, positive_int  # noqa: E402
+
 DEFAULT_FRAMES = ROOT / "tests" / "data" / "breakout_frames.npz"
 DEFAULT_DEVICE_DIR = Path("~/.cache/stream-agent/aarch64-bookworm")
 REQUIREMENTS = ROOT / "requirements-device.txt"
@@ -95,9 +100,6 @@ FRAMES_KEY = "frames"
 class DeviceCheckError(Exception):
     """A failed step or check: one line, exit 1."""
 
-
-class _UsageError(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,7 +616,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     model = Path(args.model).resolve()
     frames_path = Path(args.frames).resolve()
     if not model.is_file():
-        raise _UsageError(f"--model {args.model}: not a file")
+        raise UsageError(f"--model {args.model}: not a file")
     frames = load_frames(frames_path)
     int8 = int8_sibling(model)
     models = [model] + ([int8] if int8 else [])
@@ -756,23 +758,10 @@ def _pick(summary: dict[str, Any], prefix: str) -> dict[str, Any]:
 # Command line.
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-_positive.__name__ = "positive int"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(prog="python tools/device_check.py",
+    parser = OneLineParser(prog="python tools/device_check.py",
                             description="Check the inference runtime on an emulated aarch64 "
                                         "Debian device.")
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -781,28 +770,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=_positive, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--games", type=_positive, default=1, help="games to play (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--games", type=positive_int, default=1, help="games to play (default 1)")
     parser.add_argument("--frames", default=str(DEFAULT_FRAMES),
                         help="recorded frame set (default tests/data/breakout_frames.npz)")
     parser.add_argument("--device-dir", default=str(DEFAULT_DEVICE_DIR),
                         help="where the device is built and kept (default %(default)s)")
-    parser.add_argument("--max-steps", type=_positive,
+    parser.add_argument("--max-steps", type=positive_int,
                         help="bound the played games to this many agent steps")
     parser.add_argument("--mirror", default=DEFAULT_MIRROR, help="Debian mirror for debootstrap")
     parser.add_argument("--cpu", default=DEFAULT_CPU,
                         help="qemu -cpu model of the device (default %(default)s)")
     parser.add_argument("--rebuild", action="store_true",
                         help="rebuild the root file system even if one is there")
-    parser.add_argument("--timeout", type=_positive, default=7200,
+    parser.add_argument("--timeout", type=positive_int, default=7200,
                         help="seconds allowed to each command on the device (default 7200)")
-    parser.add_argument("--count", type=_positive, default=96, help="--record-frames: frames")
-    parser.add_argument("--stride", type=_positive, default=6,
+    parser.add_argument("--count", type=positive_int, default=96, help="--record-frames: frames")
+    parser.add_argument("--stride", type=positive_int, default=6,
                         help="--record-frames: agent steps between kept frames")
     parser.add_argument("--seed", type=int, default=0, help="--record-frames: seed")
     args = parser.parse_args(argv)
     if args.probe and not (args.model and args.out):
-        raise _UsageError("--probe needs --model and --out")
+        raise UsageError("--probe needs --model and --out")
     return args
 
 
@@ -819,7 +808,7 @@ def main(argv: list[str] | None = None, run: Callable[..., dict] = run_check) ->
                                            args.seed)))
             return 0
         result = run(args)
-    except _UsageError as exc:
+    except UsageError as exc:
         print(f"device_check: error: {exc}", file=sys.stderr)
         return 2
     except DeviceCheckError as exc:
@@ -836,6 +825,4 @@ def main(argv: list[str] | None = None, run: Callable[..., dict] = run_check) ->
 
 
 if __name__ == "__main__":
-    if __package__ in (None, "") and str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # runtime.* from the repository (or the device's app)
     sys.exit(main())

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from agent.learner import A2CLearner  # noqa: E402
 from runtime.checkpoints import CheckpointError, CheckpointStore, read_checkpoint  # noqa: E402
+from runtime.cli import OneLineParser, UsageError  # noqa: E402
 from runtime.config import Config, ConfigError, from_dict  # noqa: E402
 from runtime.infer import (  # noqa: E402
     ModelError,
@@ -68,11 +69,6 @@ class ExportError(Exception):
 
 class VerificationError(Exception):
     """The written model does not behave like the torch actor (exit 1)."""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ExportError(message)
 
 
 class _Actor(torch.nn.Module):
@@ -339,7 +335,7 @@ def quantize_int8(float_path: Path, calibration: np.ndarray, held_out: np.ndarra
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(prog="export_onnx",
+    parser = OneLineParser(prog="export_onnx",
                             description="Export a checkpoint's actor to ONNX and verify it.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", help="run directory: its newest good checkpoint")
@@ -425,7 +421,7 @@ def _spec_for(config: Config, seed: int) -> Any:
 def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(parse_args(argv))
-    except ExportError as exc:
+    except (ExportError, UsageError) as exc:
         print(f"export_onnx: error: {exc}", file=sys.stderr)
         return 2
     except VerificationError as exc:

@@ -1,0 +1,31 @@
+"""Command-line pieces shared by every entry point: bad usage is one line and exit 2.
+
+Torch-free (the inference runtime on a device uses it too).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+
+class UsageError(Exception):
+    """Bad input that stops a command before it starts: exit 2 with this one line."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting, so each
+    command reports its own one-line `prog: error: ...`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive int"  # argparse names the type in its error message
