@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import yaml
 
 from runtime.checkpoints import CheckpointStore, read_checkpoint
 from runtime.config import load_config
-from runtime.daemon import Daemon
+from runtime.daemon import Daemon, StopFlag
 from tests.conftest import CARTPOLE, ROOT, cli, start_daemon, wait_for_status
 
 
@@ -93,15 +94,28 @@ def test_sigterm_checkpoints_and_restart_resumes_identically(run_dir: Path) -> N
     assert "resumed from" in (run_dir / "daemon.log").read_text()
 
 
-def test_second_sigint_exits_at_once(run_dir: Path) -> None:
-    proc = start_daemon(*_daemon(run_dir, *CARTPOLE))
+def test_first_signal_only_sets_the_flag_second_sigint_exits_at_once(monkeypatch) -> None:
+    exits: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        exits.append(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    flag = StopFlag()
+    flag._handle(signal.SIGINT, None)
+    assert flag.reason == "SIGINT" and exits == []
+    flag._handle(signal.SIGINT, None)
+    assert exits == [130]
+
+
+def test_sigint_stops_cleanly_with_a_final_checkpoint(run_dir: Path) -> None:
+    proc = start_daemon(*_daemon(run_dir, *CARTPOLE, "--set", "checkpoint.every_steps=100000"))
     wait_for_status(run_dir, 50)
-    proc.send_signal(signal.SIGSTOP)  # hold it so both signals arrive before it runs on
     proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGCONT)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
-    assert proc.returncode in (0, 130)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopping (SIGINT)" in stderr
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"
 
 
 def test_truncated_newest_checkpoint_is_skipped(run_dir: Path) -> None:
