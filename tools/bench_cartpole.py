@@ -1,0 +1,55 @@
+"""How reliably the default settings learn CartPole-v1: several seeds, a fixed budget.
+
+    python tools/bench_cartpole.py [--steps 20000] [--seeds 5] [--config config.yaml]
+
+Uses the daemon's own loop (runtime.loop.ActingLoop, stream and learner built from the
+config with env.id=CartPole-v1) and prints one JSON object: per seed, the mean return of
+the last 20 episodes (random play is about 22).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from agent.learner import A2CLearner  # noqa: E402
+from runtime.config import load_config  # noqa: E402
+from runtime.daemon import open_stream  # noqa: E402
+from runtime.loop import ActingLoop, Counters  # noqa: E402
+
+
+def last_20_mean(config_path: str, seed: int, steps: int) -> float:
+    config = load_config(config_path, ["env.id=CartPole-v1", f"seed={seed}"])
+    stream = open_stream(config, seed)
+    learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions,
+                         seed=seed)
+    loop = ActingLoop(learner, stream, Counters())
+    returns = []
+    for _ in range(steps):
+        game = loop.step()
+        if game is not None:
+            returns.append(game.game_return)
+    return round(float(np.mean(returns[-20:])), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20_000)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--config", default=str(ROOT / "config.yaml"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    results = {seed: last_20_mean(args.config, seed, args.steps) for seed in range(args.seeds)}
+    print(json.dumps({"steps": args.steps, "mean_return_last_20": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
