@@ -1,0 +1,31 @@
+"""metrics.jsonl stays valid JSON lines whatever a kill leaves behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runtime.metrics import MetricsLog, read_jsonl, repair_jsonl
+
+
+def test_torn_last_line_is_cut_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "ret')
+    log = MetricsLog(path)
+    log.write({"step": 4})
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 4]
+
+
+def test_unparsable_complete_last_line_is_cut(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": \n')
+    assert repair_jsonl(path) > 0
+    assert read_jsonl(path) == [{"step": 1}]
+
+
+def test_valid_file_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    assert repair_jsonl(path) == 0
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
