@@ -403,15 +403,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _spec_for(config: Config, seed: int) -> Any:
-    """The StreamSpec of the run's stream (same AtariOptions as the daemon)."""
-    from runtime.streams import AtariOptions, make_stream
+    """The StreamSpec of the run's stream, built exactly as the daemon builds it."""
+    from runtime.daemon import open_stream
 
-    env = config.env
-    atari = AtariOptions(frame_skip=env.frame_skip, screen_size=env.screen_size,
-                         frame_stack=env.frame_stack, noop_max=env.noop_max,
-                         terminal_on_life_loss=env.terminal_on_life_loss,
-                         repeat_action_probability=env.repeat_action_probability)
-    stream = make_stream(env.id, dict(env.kwargs), seed=seed, atari=atari)
+    stream = open_stream(config, seed)
     try:
         return stream.spec
     finally:
