@@ -38,6 +38,10 @@ def above(low: float) -> Check:
     return lambda v: None if v > low else f"must be > {low}"
 
 
+def above_or_none(low: float) -> Check:
+    return lambda v: None if v is None or v > low else f"must be > {low} or null"
+
+
 def within(low: float, high: float) -> Check:
     return lambda v: None if low <= v <= high else f"must be in [{low}, {high}]"
 
@@ -58,8 +62,8 @@ class AgentConfig:
                             "traces) | adam (with gradient-norm clipping).", one_of("obgd", "adam"))
     gamma: float = option(0.99, "Discount factor of the TD target.", within(0.0, 1.0))
     # `lambda` is a Python keyword; the YAML key is `lambda`, the attribute `lambda_`.
-    lambda_: float = option(0.8, "Eligibility-trace decay (obgd). 0 = exactly one-step.",
-                            within(0.0, 1.0))
+    lambda_: float = option(0.8, "Eligibility-trace decay. 0 = exactly one-step; with adam "
+                            "the traced gradient delta*z is what Adam sees.", within(0.0, 1.0))
     lr: float = option(1.0, "Step size: ObGD's alpha, or Adam's learning rate.", above(0.0))
     kappa_policy: float = option(3.0, "ObGD overshooting bound for the policy.", above(0.0))
     kappa_value: float = option(2.0, "ObGD overshooting bound for the value.", above(0.0))
@@ -73,6 +77,10 @@ class AgentConfig:
     max_grad_norm: float | None = option(0.5, "Gradient-norm clip for adam; null = none.",
                                          at_least(0.0, allow_none=True))
     adam_eps: float = option(1e-8, "Adam epsilon.", above(0.0))
+    td_error_clip: float | None = option(
+        None, "adam only: clip the TD error that scales the gradient to [-c, c] (the "
+        "derivative of a Huber loss: one surprising transition moves the weights no more "
+        "than c would); null = none.", above_or_none(0.0))
     normalize_observations: bool = option(True, "Running per-element mean/variance "
                                           "normalisation of observations.")
     reward_transform: str = option(
@@ -88,6 +96,7 @@ class AgentConfig:
 
     def problems(self) -> list[tuple[str, str]]:
         """Cross-field checks: (key, message) pairs; empty when consistent."""
-        if self.optimizer == "adam" and self.lambda_ != 0.0:
-            return [("lambda", "must be 0 with optimizer adam (traces are an obgd feature)")]
+        if self.td_error_clip is not None and self.optimizer != "adam":
+            return [("td_error_clip", "applies to optimizer adam only (ObGD bounds its "
+                     "steps itself); set it to null")]
         return []

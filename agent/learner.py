@@ -70,6 +70,9 @@ class A2CLearner:
         else:
             self.adam = torch.optim.Adam(self.net.parameters(), lr=config.lr, eps=config.adam_eps,
                                          fused=True)
+            # Adam(lambda): Adam steps along delta * z, z the trace of the gradients of
+            # log pi + 2c V (what one-step A2C's loss differentiates to when lambda = 0).
+            self.adam_trace = torch.zeros_like(self.net.flat) if config.lambda_ > 0 else None
 
     # -- acting ------------------------------------------------------------------------
 
@@ -122,7 +125,8 @@ class A2CLearner:
         if self.config.optimizer == "obgd":
             metrics = self._obgd_step(delta_f, log_probs[t.action], entropy, value[0], beta, done)
         else:
-            metrics = self._adam_step(delta, log_probs[t.action], entropy, beta)
+            metrics = self._adam_step(delta_f, log_probs[t.action], entropy, value[0], beta,
+                                      done)
         self.updates += 1
         metrics.update(value=float(value[0].detach()), entropy=float(entropy.detach()),
                        reward_scaled=reward, entropy_coeff=beta)
@@ -161,23 +165,41 @@ class A2CLearner:
                 "critic_loss": delta_f * delta_f, "step_size_policy": step_pi,
                 "step_size_value": step_v}
 
-    def _adam_step(self, delta: torch.Tensor, log_prob: torch.Tensor, entropy: torch.Tensor,
-                   beta: float) -> dict[str, float]:
-        actor_loss = -log_prob * delta.detach()
-        critic_loss = self.config.critic_coeff * delta.pow(2)
-        loss = actor_loss + critic_loss - beta * entropy
+    def _adam_step(self, delta_f: float, log_prob: torch.Tensor, entropy: torch.Tensor,
+                   value: torch.Tensor, beta: float, done: bool) -> dict[str, float]:
+        config = self.config
+        clip = config.td_error_clip
+        # A clipped delta is the derivative of a Huber loss: one surprising transition
+        # moves the weights no further than a TD error of `clip` would.
+        delta_u = delta_f if clip is None else max(-clip, min(clip, delta_f))
+        # Gradient of log pi(a|s) + 2c V(s): scaled by delta it is the gradient of the
+        # actor loss -delta*log pi plus the critic loss c*delta^2 (V(s') held fixed).
+        traced = log_prob + 2.0 * config.critic_coeff * value
         self.adam.zero_grad(set_to_none=False)  # keep .grad as views of net.flat_grad
-        loss.backward()
-        metrics = {"td_error": float(delta.detach()), "actor_loss": float(actor_loss.detach()),
-                   "critic_loss": float(critic_loss.detach())}
-        max_norm = self.config.max_grad_norm
+        trace = self.adam_trace
+        if trace is None:
+            (-(delta_u * traced + beta * entropy)).backward()
+        else:
+            # The entropy bonus joins the trace signed by delta (as in ObGD), so the one
+            # backward pass gives the whole per-step gradient.
+            sign = float(np.sign(delta_u))
+            (-(traced + beta * sign * entropy)).backward()
+            trace.mul_(config.gamma * config.lambda_).add_(self.net.flat_grad)
+            torch.mul(trace, delta_u, out=self.net.flat_grad)
+        metrics = {"td_error": delta_f, "actor_loss": -float(log_prob.detach()) * delta_f,
+                   "critic_loss": config.critic_coeff * delta_f * delta_f}
+        max_norm = config.max_grad_norm
         norm = float(torch.nn.utils.clip_grad_norm_(
             self.net.parameters(), max_norm if max_norm is not None else math.inf))
         if not math.isfinite(norm):
             self.adam.zero_grad(set_to_none=False)
+            if trace is not None:
+                trace.zero_()
             raise NonFiniteError("gradient is not finite")
         metrics["grad_norm"] = norm
         self.adam.step()
+        if trace is not None and done:
+            trace.zero_()
         return metrics
 
     def reset_traces(self) -> None:
@@ -186,6 +208,8 @@ class A2CLearner:
         if self.config.optimizer == "obgd":
             self.policy_opt.trace.zero_()
             self.value_opt.trace.zero_()
+        elif self.adam_trace is not None:
+            self.adam_trace.zero_()
         self._pending = None
         self._prepared = None
 
@@ -203,6 +227,8 @@ class A2CLearner:
                          "value": self.value_opt.state_dict()}
         else:
             optimizer = {"adam": self.adam.state_dict()}
+            if self.adam_trace is not None:
+                optimizer["trace"] = self.adam_trace.clone()
         return {"network": {k: v.clone() for k, v in self.net.state_dict().items()},
                 "optimizer": optimizer, "reward_scaler": self.reward_scaler.state_dict(),
                 "rng": self.rng.get_state(), "updates": self.updates}
@@ -221,6 +247,12 @@ class A2CLearner:
             self.value_opt.load_state_dict(optimizer["value"])
         else:
             self.adam.load_state_dict(optimizer["adam"])
+            if self.adam_trace is not None:
+                trace = optimizer.get("trace")
+                if trace is None or trace.shape != self.adam_trace.shape:
+                    raise ValueError("optimizer state has no Adam(lambda) trace for this "
+                                     "network (saved with another lambda?)")
+                self.adam_trace.copy_(trace)
         self.reward_scaler.load_state_dict(state["reward_scaler"])
         self.rng.set_state(state["rng"])
         self.updates = int(state["updates"])

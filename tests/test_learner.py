@@ -83,6 +83,41 @@ def test_obgd_never_overshoots_the_td_error_on_the_same_sample() -> None:
     assert overshoots["unbounded"] > 0  # the same case with no bound does overshoot
 
 
+def _objective_gradient(learner: A2CLearner, obs: np.ndarray, action: int) -> torch.Tensor:
+    """Flat gradient of log pi(a|s) + 2c V(s), the quantity Adam(lambda) traces."""
+    logits, value = learner.net(torch.from_numpy(obs)[None])
+    objective = torch.log_softmax(logits[0], -1)[action] + 2 * learner.config.critic_coeff * value[0]
+    grads = torch.autograd.grad(objective, list(learner.net.parameters()))
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_adam_lambda_steps_along_delta_times_the_decayed_trace() -> None:
+    config = dataclasses.replace(PLAIN, optimizer="adam", lambda_=0.5, gamma=0.9,
+                                 max_grad_norm=None, entropy_coeff=0.0, lr=1e-3)
+    learner = A2CLearner(config, (3,), 2, seed=4)
+    g1 = _objective_gradient(learner, S, 0)
+    learner.update(Transition(S, 0, 1.0, S2, False, False))
+    g2 = _objective_gradient(learner, S2, 1)
+    delta = learner.update(Transition(S2, 1, 0.5, S, False, False))["td_error"]
+    # Adam was handed delta * z with z = gamma*lambda*z + grad (grad of the loss: -objective)
+    expected = -delta * (0.45 * g1 + g2)
+    torch.testing.assert_close(learner.net.flat_grad, expected, rtol=1e-4, atol=1e-7)
+    learner.update(Transition(S, 0, 0.0, S2, True, False))
+    assert not learner.adam_trace.any()  # an episode end clears the trace
+
+
+def test_td_error_clip_bounds_the_step_like_a_huber_loss() -> None:
+    grads = {}
+    for clip in (None, 0.1):
+        config = dataclasses.replace(PLAIN, optimizer="adam", lambda_=0.0, max_grad_norm=None,
+                                     entropy_coeff=0.0, td_error_clip=clip)
+        learner = A2CLearner(config, (3,), 2, seed=2)
+        delta = learner.update(Transition(S, 0, 25.0, S2, True, False))["td_error"]
+        grads[clip] = learner.net.flat_grad.clone()
+    assert delta > 20  # the reported TD error is the real one
+    torch.testing.assert_close(grads[0.1], grads[None] * (0.1 / delta))
+
+
 def test_obgd_with_lambda_zero_is_exactly_one_step() -> None:
     param = torch.zeros(3)
     opt = ObGD(param, lr=0.1, gamma=0.99, lambda_=0.0, kappa=1e-9)
@@ -115,11 +150,10 @@ def _drive(learner: A2CLearner, env: gym.Env, steps: int, seed: int) -> list[int
     return actions
 
 
-@pytest.mark.parametrize("optimizer", ["obgd", "adam"])
-def test_state_round_trip_gives_identical_next_updates(optimizer: str) -> None:
+@pytest.mark.parametrize("optimizer,lambda_", [("obgd", 0.8), ("adam", 0.0), ("adam", 0.8)])
+def test_state_round_trip_gives_identical_next_updates(optimizer: str, lambda_: float) -> None:
     config = dataclasses.replace(AgentConfig(network="mlp", hidden_size=32), optimizer=optimizer,
-                                 lambda_=0.0 if optimizer == "adam" else 0.8,
-                                 lr=1e-3 if optimizer == "adam" else 1.0)
+                                 lambda_=lambda_, lr=1e-3 if optimizer == "adam" else 1.0)
     original = A2CLearner(config, (4,), 2, seed=0)
     _drive(original, gym.make("CartPole-v1"), 150, seed=0)
     buffer = io.BytesIO()
