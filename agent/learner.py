@@ -61,6 +61,7 @@ class A2CLearner:
         self.updates = 0
         self._pending: _Pending | None = None
         self._prepared: tuple[np.ndarray, torch.Tensor] | None = None
+        self._ahead: tuple[np.ndarray, float, int] | None = None  # (s', V(s'), updates)
         if config.optimizer == "obgd":
             common = {"lr": config.lr, "gamma": config.gamma, "lambda_": config.lambda_}
             self.policy_opt = ObGD(self.net.policy_flat, kappa=config.kappa_policy, **common)
@@ -88,13 +89,28 @@ class A2CLearner:
         self._prepared = (observation, inputs)
         return inputs
 
+    def forward(self, observation: np.ndarray) -> None:
+        """The forward pass on s, with its graph, kept for the update on s."""
+        logits, value = self.net.heads(self._inputs(observation))
+        self._pending = _Pending(observation, logits, value, self.updates)
+
     def act(self, observation: np.ndarray) -> int:
         """Sample an action for s; keeps the forward pass for the update on s."""
-        logits, value = self.net.heads(self._inputs(observation))
+        self.forward(observation)
+        return self._sample(self._pending.logits)
+
+    def act_ahead(self, next_observation: np.ndarray) -> int:
+        """Sample the action for s' *before* the update on (s, a, r, s'): the policy that
+        acts lags the learner by one update, so the stream can step on another core while
+        the update runs. The no-grad pass also gives the V(s') of that update."""
+        with torch.no_grad():
+            logits, value = self.net.heads(self._inputs(next_observation))
+        self._ahead = (next_observation, float(value[0]), self.updates)
+        return self._sample(logits)
+
+    def _sample(self, logits: torch.Tensor) -> int:
         probs = torch.softmax(logits.detach(), dim=-1)
-        action = int(torch.multinomial(probs, 1, generator=self.rng))
-        self._pending = _Pending(observation, logits, value, self.updates)
-        return action
+        return int(torch.multinomial(probs, 1, generator=self.rng))
 
     # -- learning ----------------------------------------------------------------------
 
@@ -109,8 +125,11 @@ class A2CLearner:
             logits, value = self.net(_batch(t.observation))
         done = t.terminated or t.truncated
         reward = self._transform_reward(t.reward, done)
+        ahead, self._ahead = self._ahead, None
         if t.terminated:
             next_value = 0.0
+        elif ahead is not None and ahead[0] is t.next_observation and ahead[2] == self.updates:
+            next_value = ahead[1]  # act_ahead's pass: same s', same parameters
         else:
             with torch.no_grad():
                 next_value = float(self.net.value(self._inputs(t.next_observation)))
@@ -212,6 +231,7 @@ class A2CLearner:
             self.adam_trace.zero_()
         self._pending = None
         self._prepared = None
+        self._ahead = None
 
     def parameters_finite(self) -> bool:
         """True when no weight is NaN/Inf (checked before every checkpoint)."""
@@ -258,3 +278,4 @@ class A2CLearner:
         self.updates = int(state["updates"])
         self._pending = None
         self._prepared = None
+        self._ahead = None

@@ -61,6 +61,10 @@ class RunConfig:
     dir: str = option("runs/default", "Run directory (metrics, status, checkpoints).")
     torch_threads: int = option(1, "torch intra-op threads; one update is too small to "
                                 "split, so 1 is fastest.", at_least(1))
+    overlap_stream: bool = option(
+        False, "Step the stream on a second thread while the learner updates (uses a "
+        "second core). The acting policy then lags the learner by one update: the action "
+        "for s' is sampled before the update on the transition into s'.")
     onednn: str = option("auto", "auto | on | off: oneDNN (mkldnn) convolutions. auto = off "
                          "for the stream network, whose small convolutions run ~30% faster "
                          "on torch's own kernels (tools/bench_throughput.py), on otherwise.",

@@ -202,7 +202,8 @@ class Daemon:
         """Learn until a signal or run.max_steps; final checkpoint; returns the exit code."""
         cfg = self.config
         loop = ActingLoop(self.learner, self.stream, self.counters,
-                          rollback_on_nonfinite=cfg.faults.on_nonfinite == "rollback")
+                          rollback_on_nonfinite=cfg.faults.on_nonfinite == "rollback",
+                          overlap=cfg.run.overlap_stream)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         progress = Progress(self, sys.stderr.isatty())
         max_steps = cfg.run.max_steps
@@ -223,9 +224,9 @@ class Daemon:
                     if not self._recover_stream(loop, fault):
                         return self._give_up(progress)
                     continue
-                except RollbackNeeded:
+                except RollbackNeeded as needed:
                     self.rollback("a non-finite update")
-                    continue
+                    summary = needed.summary
                 if summary is not None:
                     record = progress.game_record(summary)
                     metrics.write(record)
@@ -248,6 +249,7 @@ class Daemon:
             metrics.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
+            loop.close()
             self.stream.close()
             self.stop.restore()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,7 +29,12 @@ class StreamFault(Exception):
 
 
 class RollbackNeeded(Exception):
-    """A non-finite update under `faults.on_nonfinite: rollback`."""
+    """A non-finite update under `faults.on_nonfinite: rollback`. The step itself was
+    counted; `summary` is its game summary, if it ended a game."""
+
+    def __init__(self, summary: GameSummary | None) -> None:
+        super().__init__("a non-finite update")
+        self.summary = summary
 
 
 @dataclass
@@ -78,20 +84,31 @@ class _GameTally:
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(AVERAGED, 0.0))
 
 
+StepResult = tuple[np.ndarray, float, bool, bool, dict]
+
+
 class ActingLoop:
-    """Runs the agent's life on a stream that never ends: episodes reset automatically."""
+    """Runs the agent's life on a stream that never ends: episodes reset automatically.
+
+    With `overlap` the stream steps on a worker thread (ALE and numpy release the GIL, so
+    on a second core) while the learner updates: the action for s' is sampled before the
+    update on the transition into s' (`A2CLearner.act_ahead`), one update behind.
+    """
 
     def __init__(self, learner: A2CLearner, stream: Stream, counters: Counters,
-                 rollback_on_nonfinite: bool = False) -> None:
+                 rollback_on_nonfinite: bool = False, overlap: bool = False) -> None:
         self.learner = learner
         self.counters = counters
         self.rollback_on_nonfinite = rollback_on_nonfinite
         self._tally = _GameTally()
         self.recorder: GameRecorder | None = None  # set while a game is being filmed
+        self._worker = ThreadPoolExecutor(1, "stream") if overlap else None
+        self._in_flight: tuple[int, Future[StepResult]] | None = None  # (action, its step)
         self.attach(stream)
 
     def attach(self, stream: Stream) -> None:
         """Start (or restart after a failure) on a stream: a new episode begins."""
+        self._drain()
         self.stream = stream
         # uint8 frames cannot hold NaN; only float streams need the finiteness check.
         self._float_obs = stream.spec.observation_dtype != "uint8"
@@ -106,11 +123,15 @@ class ActingLoop:
     def step(self) -> GameSummary | None:
         """One agent step and one update; returns a summary when a whole game ended."""
         obs = self.observation
-        action = self.learner.act(obs)
-        try:
-            next_obs, reward, terminated, truncated, info = self.stream.step(action)
-        except Exception as exc:  # noqa: BLE001 - any sensor failure is recoverable
-            raise StreamFault(f"step: {type(exc).__name__}: {exc}") from exc
+        if self._in_flight is None:
+            action = self.learner.act(obs)
+            result = self._step_stream(action)
+        else:
+            action, future = self._in_flight
+            self._in_flight = None
+            self.learner.forward(obs)  # while the stream computes s'
+            result = self._result(future)
+        next_obs, reward, terminated, truncated, info = result
         self.counters.steps += 1
         if self.recorder is not None:
             self._film()
@@ -120,15 +141,47 @@ class ActingLoop:
             self.learner.reset_traces()
             self.observation = self._reset()
             return None
+        if self._worker is not None and not (terminated or truncated):
+            next_action = self.learner.act_ahead(next_obs)
+            self._in_flight = (next_action, self._worker.submit(self.stream.step, next_action))
         try:
             metrics = self.learner.update(
                 Transition(obs, action, reward, next_obs, terminated, truncated))
         except NonFiniteError:
             self.counters.faults.nonfinite_updates += 1
-            if self.rollback_on_nonfinite:
-                raise RollbackNeeded from None
             metrics = None
-        return self._tally_step(metrics, reward, terminated or truncated, next_obs, info)
+        summary = self._tally_step(metrics, reward, terminated or truncated, next_obs, info)
+        if metrics is None and self.rollback_on_nonfinite:
+            raise RollbackNeeded(summary)  # after the step is counted: the stream moved on
+        return summary
+
+    def _step_stream(self, action: int) -> StepResult:
+        try:
+            return self.stream.step(action)
+        except Exception as exc:  # noqa: BLE001 - any sensor failure is recoverable
+            raise StreamFault(f"step: {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _result(future: Future[StepResult]) -> StepResult:
+        try:
+            return future.result()
+        except Exception as exc:  # noqa: BLE001 - any sensor failure is recoverable
+            raise StreamFault(f"step: {type(exc).__name__}: {exc}") from exc
+
+    def _drain(self) -> None:
+        """Wait out a stream step still in flight (its result is dropped)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            try:
+                in_flight[1].result()
+            except Exception:  # noqa: BLE001, S110 - the stream is being replaced or closed
+                pass
+
+    def close(self) -> None:
+        """Finish the worker's step so the stream can be closed safely."""
+        self._drain()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
 
     def _film(self) -> None:
         try:

@@ -1,6 +1,7 @@
 """How reliably the default settings learn CartPole-v1: several seeds, a fixed budget.
 
     python tools/bench_cartpole.py [--steps 20000] [--seeds 5] [--config config.yaml]
+                                   [--set KEY=VALUE ...]
 
 Uses the daemon's own loop (runtime.loop.ActingLoop, stream and learner built from the
 config with env.id=CartPole-v1) and prints one JSON object: per seed, the mean return of
@@ -25,17 +26,18 @@ from runtime.daemon import open_stream  # noqa: E402
 from runtime.loop import ActingLoop, Counters  # noqa: E402
 
 
-def last_20_mean(config_path: str, seed: int, steps: int) -> float:
-    config = load_config(config_path, ["env.id=CartPole-v1", f"seed={seed}"])
+def last_20_mean(config_path: str, overrides: list[str], seed: int, steps: int) -> float:
+    config = load_config(config_path, ["env.id=CartPole-v1", f"seed={seed}", *overrides])
     stream = open_stream(config, seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions,
                          seed=seed)
-    loop = ActingLoop(learner, stream, Counters())
+    loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
     returns = []
     for _ in range(steps):
         game = loop.step()
         if game is not None:
             returns.append(game.game_return)
+    loop.close()
     return round(float(np.mean(returns[-20:])), 1)
 
 
@@ -44,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--config", default=str(ROOT / "config.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    results = {seed: last_20_mean(args.config, seed, args.steps) for seed in range(args.seeds)}
-    print(json.dumps({"steps": args.steps, "mean_return_last_20": results}))
+    results = {seed: last_20_mean(args.config, args.set, seed, args.steps)
+               for seed in range(args.seeds)}
+    print(json.dumps({"steps": args.steps, "overrides": args.set,
+                      "mean_return_last_20": results}))
     return 0
 
 

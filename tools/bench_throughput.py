@@ -10,6 +10,9 @@ preprocessing) so machine noise hits all alike:
   streamx-loop  the public stream AC(lambda) script's update: V(s), V(s') and pi(s) as separate
                 forwards, two backward passes, ObGD with per-parameter Python loops and .item()
   daemon-stream ActingLoop + A2CLearner with the default config.yaml (stream net, ObGD)
+  *-overlap     the same daemon loops with run.overlap_stream: true (the stream steps on a
+                second thread during the update; the acting policy lags by one update)
+  learner-*     the learner alone on recorded frames, no emulator: the ceiling of any loop
 Prints one JSON object: steps/s per variant (median, min, max over blocks) and the ratios
 daemon/baseline per network. One learner update per environment step everywhere.
 """
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from agent.learner import A2CLearner  # noqa: E402
+from agent.learner import A2CLearner, Transition  # noqa: E402
 from agent.networks import build_network  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 from runtime.daemon import configure_torch, open_stream  # noqa: E402
@@ -38,16 +41,34 @@ from runtime.loop import ActingLoop, Counters  # noqa: E402
 Step = Callable[[], None]
 
 
-def daemon_loop(config_path: Path) -> Step:
+def daemon_loop(config_path: Path, overrides: tuple[str, ...] = ()) -> Step:
     """The exact code path the daemon runs per step."""
-    config = load_config(config_path)
+    config = load_config(config_path, list(overrides))
     stream = open_stream(config, config.seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
-    loop = ActingLoop(learner, stream, Counters())
+    loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
 
     def step() -> None:
         configure_torch(config, learner.network_name)  # as the daemon sets it (~1 us)
         loop.step()
+    return step
+
+
+def learner_only(config_path: Path) -> Step:
+    """act + update on 256 recorded frames: the learner's compute with a free stream."""
+    config = load_config(config_path)
+    stream = open_stream(config, config.seed)
+    learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
+    frames = [stream.reset()]
+    for i in range(256):
+        frames.append(stream.step(i % stream.spec.num_actions)[0])
+    state = {"i": 0}
+
+    def step() -> None:
+        configure_torch(config, learner.network_name)
+        i = state["i"] = (state["i"] + 1) % 256
+        action = learner.act(frames[i])
+        learner.update(Transition(frames[i], action, 0.0, frames[i + 1], False, False))
     return step
 
 
@@ -168,10 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    seed_preset, default = ROOT / "presets" / "seed.yaml", ROOT / "config.yaml"
+    overlap = ("run.overlap_stream=true",)
     variants = {"seed-loop": _baseline(seed_loop()),
-                "daemon-seed": daemon_loop(ROOT / "presets" / "seed.yaml"),
+                "daemon-seed": daemon_loop(seed_preset),
+                "daemon-seed-overlap": daemon_loop(seed_preset, overlap),
+                "learner-seed": learner_only(seed_preset),
                 "streamx-loop": _baseline(streamx_loop()),
-                "daemon-stream": daemon_loop(ROOT / "config.yaml")}
+                "daemon-stream": daemon_loop(default),
+                "daemon-stream-overlap": daemon_loop(default, overlap),
+                "learner-stream": learner_only(default)}
     for step in variants.values():
         time_block(step, 50)  # warm-up: allocator, oneDNN primitive caches
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -189,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                         for name, r in rates.items()},
         "ratio_daemon_over_seed_loop (seed net)": ratio("daemon-seed", "seed-loop"),
         "ratio_daemon_over_streamx_loop (stream net)": ratio("daemon-stream", "streamx-loop"),
+        "ratio_overlap_over_daemon (seed net)": ratio("daemon-seed-overlap", "daemon-seed"),
+        "ratio_overlap_over_daemon (stream net)": ratio("daemon-stream-overlap",
+                                                        "daemon-stream"),
+        "ratio_learner_alone_over_seed_loop (seed net)": ratio("learner-seed", "seed-loop"),
     }, indent=1))
     return 0
 
