@@ -69,7 +69,10 @@ class A2CLearner:
             self._policy_params = self.net.policy_parameters()
             self._value_params = self.net.value_parameters()
         else:
-            self.adam = torch.optim.Adam(self.net.parameters(), lr=config.lr, eps=config.adam_eps,
+            # Adam over the one flat buffer (its gradient is the flat gradient buffer):
+            # one fused kernel per step instead of one per parameter tensor.
+            self.net.flat.grad = self.net.flat_grad
+            self.adam = torch.optim.Adam([self.net.flat], lr=config.lr, eps=config.adam_eps,
                                          fused=True)
             # Adam(lambda): Adam steps along delta * z, z the trace of the gradients of
             # log pi + 2c V (what one-step A2C's loss differentiates to when lambda = 0).
@@ -109,8 +112,16 @@ class A2CLearner:
         return self._sample(logits)
 
     def _sample(self, logits: torch.Tensor) -> int:
-        probs = torch.softmax(logits.detach(), dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.rng))
+        """Inverse-CDF sampling in Python over a handful of action probabilities: a
+        fraction of torch.multinomial's cost for one draw."""
+        probs = torch.softmax(logits.detach()[0], dim=-1).tolist()
+        u = float(torch.rand((), generator=self.rng)) * sum(probs)
+        cumulative = 0.0
+        for action, p in enumerate(probs):
+            cumulative += p
+            if u < cumulative:
+                return action
+        return len(probs) - 1  # u landed on the rounding error at the top
 
     # -- learning ----------------------------------------------------------------------
 
@@ -194,7 +205,8 @@ class A2CLearner:
         # Gradient of log pi(a|s) + 2c V(s): scaled by delta it is the gradient of the
         # actor loss -delta*log pi plus the critic loss c*delta^2 (V(s') held fixed).
         traced = log_prob + 2.0 * config.critic_coeff * value
-        self.adam.zero_grad(set_to_none=False)  # keep .grad as views of net.flat_grad
+        flat_grad = self.net.flat_grad
+        flat_grad.zero_()
         trace = self.adam_trace
         if trace is None:
             (-(delta_u * traced + beta * entropy)).backward()
@@ -203,18 +215,19 @@ class A2CLearner:
             # backward pass gives the whole per-step gradient.
             sign = float(np.sign(delta_u))
             (-(traced + beta * sign * entropy)).backward()
-            trace.mul_(config.gamma * config.lambda_).add_(self.net.flat_grad)
-            torch.mul(trace, delta_u, out=self.net.flat_grad)
+            trace.mul_(config.gamma * config.lambda_).add_(flat_grad)
+            torch.mul(trace, delta_u, out=flat_grad)
         metrics = {"td_error": delta_f, "actor_loss": -float(log_prob.detach()) * delta_f,
                    "critic_loss": config.critic_coeff * delta_f * delta_f}
-        max_norm = config.max_grad_norm
-        norm = float(torch.nn.utils.clip_grad_norm_(
-            self.net.parameters(), max_norm if max_norm is not None else math.inf))
+        norm = float(torch.linalg.vector_norm(flat_grad))
         if not math.isfinite(norm):
-            self.adam.zero_grad(set_to_none=False)
+            flat_grad.zero_()
             if trace is not None:
                 trace.zero_()
             raise NonFiniteError("gradient is not finite")
+        max_norm = config.max_grad_norm
+        if max_norm is not None and norm > max_norm:
+            flat_grad.mul_(max_norm / (norm + 1e-6))  # as torch's clip_grad_norm_
         metrics["grad_norm"] = norm
         self.adam.step()
         if trace is not None and done:

@@ -136,6 +136,13 @@ def test_acting_ahead_leaves_the_update_exactly_as_it_was(optimizer: str) -> Non
     assert torch.equal(plain.net.flat, ahead.net.flat)
 
 
+def test_actions_are_drawn_with_the_policy_probabilities() -> None:
+    learner = A2CLearner(PLAIN, (3,), 4, seed=0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
+    draws = np.bincount([learner._sample(logits) for _ in range(20_000)], minlength=4)
+    np.testing.assert_allclose(draws / 20_000, torch.softmax(logits[0], -1).numpy(), atol=0.015)
+
+
 def test_obgd_with_lambda_zero_is_exactly_one_step() -> None:
     param = torch.zeros(3)
     opt = ObGD(param, lr=0.1, gamma=0.99, lambda_=0.0, kappa=1e-9)

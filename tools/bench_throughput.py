@@ -12,6 +12,7 @@ preprocessing) so machine noise hits all alike:
   daemon-stream ActingLoop + A2CLearner with the default config.yaml (stream net, ObGD)
   *-overlap     the same daemon loops with run.overlap_stream: true (the stream steps on a
                 second thread during the update; the acting policy lags by one update)
+  *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
   learner-*     the learner alone on recorded frames, no emulator: the ceiling of any loop
 Prints one JSON object: steps/s per variant (median, min, max over blocks) and the ratios
 daemon/baseline per network. One learner update per environment step everywhere.
@@ -72,10 +73,12 @@ def learner_only(config_path: Path) -> Step:
     return step
 
 
-def _baseline(step: Step) -> Step:
-    """Baselines run with torch's defaults (oneDNN on), whatever a daemon variant set."""
+def _baseline(step: Step, threads: int) -> Step:
+    """Baselines run with torch's defaults (oneDNN on) and --threads, whatever a daemon
+    variant set."""
     def run() -> None:
         torch.backends.mkldnn.enabled = True
+        torch.set_num_threads(threads)
         step()
     return run
 
@@ -190,14 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_preset, default = ROOT / "presets" / "seed.yaml", ROOT / "config.yaml"
-    overlap = ("run.overlap_stream=true",)
-    variants = {"seed-loop": _baseline(seed_loop()),
+    overlap, threads = ("run.overlap_stream=true",), ("run.torch_threads=2",)
+    variants = {"seed-loop": _baseline(seed_loop(), args.threads),
                 "daemon-seed": daemon_loop(seed_preset),
                 "daemon-seed-overlap": daemon_loop(seed_preset, overlap),
+                "daemon-seed-2threads": daemon_loop(seed_preset, threads),
                 "learner-seed": learner_only(seed_preset),
-                "streamx-loop": _baseline(streamx_loop()),
+                "streamx-loop": _baseline(streamx_loop(), args.threads),
                 "daemon-stream": daemon_loop(default),
                 "daemon-stream-overlap": daemon_loop(default, overlap),
+                "daemon-stream-2threads": daemon_loop(default, threads),
                 "learner-stream": learner_only(default)}
     for step in variants.values():
         time_block(step, 50)  # warm-up: allocator, oneDNN primitive caches
@@ -219,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_overlap_over_daemon (seed net)": ratio("daemon-seed-overlap", "daemon-seed"),
         "ratio_overlap_over_daemon (stream net)": ratio("daemon-stream-overlap",
                                                         "daemon-stream"),
+        "ratio_2threads_over_daemon (seed net)": ratio("daemon-seed-2threads", "daemon-seed"),
+        "ratio_2threads_over_daemon (stream net)": ratio("daemon-stream-2threads",
+                                                         "daemon-stream"),
         "ratio_learner_alone_over_seed_loop (seed net)": ratio("learner-seed", "seed-loop"),
     }, indent=1))
     return 0
