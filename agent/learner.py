@@ -246,6 +246,29 @@ class A2CLearner:
         self._prepared = None
         self._ahead = None
 
+    def _flat_adam_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Adam state as this learner keeps it (one flat tensor). Checkpoints written
+        before Adam ran on the flat buffer hold one state per parameter tensor, in
+        net.parameters() order: they are re-laid into the flat order, so a long run
+        survives the upgrade."""
+        params = list(self.net.parameters())
+        per_tensor = state["param_groups"][0]["params"]
+        if len(per_tensor) == 1 or len(per_tensor) != len(params):
+            return state  # already flat, or foreign: Adam's own check names the mismatch
+        flat = self.net.flat
+        merged = {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        step = torch.zeros(())
+        for index, param in zip(per_tensor, params, strict=True):
+            offset = (param.data_ptr() - flat.data_ptr()) // flat.element_size()
+            entry = state["state"].get(index)
+            if entry is None:
+                continue
+            for key, merged_tensor in merged.items():
+                merged_tensor[offset:offset + param.numel()] = entry[key].reshape(-1)
+            step = entry["step"]
+        group = {**state["param_groups"][0], "params": [0]}
+        return {"state": {0: {"step": step, **merged}}, "param_groups": [group]}
+
     def parameters_finite(self) -> bool:
         """True when no weight is NaN/Inf (checked before every checkpoint)."""
         return bool(torch.isfinite(self.net.flat).all())
@@ -279,7 +302,7 @@ class A2CLearner:
             self.policy_opt.load_state_dict(optimizer["policy"])
             self.value_opt.load_state_dict(optimizer["value"])
         else:
-            self.adam.load_state_dict(optimizer["adam"])
+            self.adam.load_state_dict(self._flat_adam_state(optimizer["adam"]))
             if self.adam_trace is not None:
                 trace = optimizer.get("trace")
                 if trace is None or trace.shape != self.adam_trace.shape:

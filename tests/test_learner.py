@@ -235,3 +235,23 @@ def test_it_still_learns_cartpole_with_the_stream_overlapped() -> None:
     bench = load_tool("bench_cartpole")
     assert bench.last_20_mean(str(ROOT / "config.yaml"), ["run.overlap_stream=true"],
                               seed=0, steps=20_000) >= 150
+
+
+def test_adam_state_saved_per_tensor_is_re_laid_into_the_flat_buffer() -> None:
+    """Checkpoints from before Adam ran on the flat buffer still resume."""
+    config = dataclasses.replace(PLAIN, optimizer="adam", lambda_=0.0, lr=1e-3)
+    learner = A2CLearner(config, (3,), 2, seed=0)
+    params = list(learner.net.parameters())
+    old = torch.optim.Adam(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    old.step()
+    state = learner.state_dict()
+    state["optimizer"]["adam"] = old.state_dict()
+    learner.load_state_dict(state)
+    flat_state = learner.adam.state_dict()["state"][0]
+    for p in params:
+        offset = (p.data_ptr() - learner.net.flat.data_ptr()) // 4
+        torch.testing.assert_close(flat_state["exp_avg"][offset:offset + p.numel()],
+                                   old.state[p]["exp_avg"].reshape(-1))
+    assert float(flat_state["step"]) == 1.0
