@@ -87,7 +87,8 @@ def test_obgd_never_overshoots_the_td_error_on_the_same_sample() -> None:
 def _objective_gradient(learner: A2CLearner, obs: np.ndarray, action: int) -> torch.Tensor:
     """Flat gradient of log pi(a|s) + 2c V(s), the quantity Adam(lambda) traces."""
     logits, value = learner.net(torch.from_numpy(obs)[None])
-    objective = torch.log_softmax(logits[0], -1)[action] + 2 * learner.config.critic_coeff * value[0]
+    log_prob = torch.log_softmax(logits[0], -1)[action]
+    objective = log_prob + 2 * learner.config.critic_coeff * value[0]
     grads = torch.autograd.grad(objective, list(learner.net.parameters()))
     return torch.cat([g.reshape(-1) for g in grads])
 
