@@ -4,7 +4,8 @@
 
 After every kill: each published checkpoint must verify and load; the newest checkpoint's
 step never goes backwards; metrics.jsonl holds valid JSON lines except at most one torn
-last line, which the next start repairs. Each restart must resume from a checkpoint.
+last line, which the next start repairs. Each start after the first checkpoint must resume
+from one.
 Checkpoints are written every few steps so that many kills land inside a write. Prints a
 JSON summary; exit 1 on the first violation.
 """
@@ -105,6 +106,11 @@ def soak(run_dir: Path, kills: int, seed: int, env_id: str = "CartPole-v1") -> d
     if torn:
         raise Violation("metrics.jsonl still has a torn line after a clean run")
     log = (run_dir / "daemon.log").read_text()
+    # Every start after the first published checkpoint must resume from one, never start
+    # fresh (how many starts got that far before their kill depends on machine load).
+    first_checkpoint = log.find("INFO runtime.daemon: checkpoint ckpt-")
+    if first_checkpoint >= 0 and "starting fresh" in log[first_checkpoint:]:
+        raise Violation("a start after a published checkpoint started fresh")
     return {"kills": kills, "kills_during_checkpoint_write": during_writes,
             "torn_metrics_lines_repaired": torn_lines, "resumes": log.count("resumed from"),
             "final_step": final, "violations": 0}
