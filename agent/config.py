@@ -51,8 +51,8 @@ class AgentConfig:
     """How the agent learns: network, optimiser, targets and normalisation."""
 
     network: str = option(
-        "auto", "auto | stream | seed | mlp. auto picks stream for image observations "
-        "and mlp for vectors, so one config serves every stream.",
+        "auto", "auto | seed | stream | mlp. auto picks seed (a shared conv trunk) for "
+        "image observations and mlp for vectors, so one config serves every stream.",
         one_of("auto", "stream", "seed", "mlp"))
     hidden_size: int = option(256, "Width of the hidden fully connected layers (stream, mlp).",
                               at_least(1))

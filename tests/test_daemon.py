@@ -43,7 +43,7 @@ def test_breakout_run_learns_from_frames(run_dir: Path) -> None:
     assert done.returncode == 0, done.stderr
     payload = read_checkpoint(CheckpointStore(run_dir / "checkpoints", 3).paths()[0])
     assert payload["spec"]["observation_shape"] == [4, 84, 84]
-    assert payload["spec"]["network"] == "stream" and payload["counters"]["steps"] == 300
+    assert payload["spec"]["network"] == "seed" and payload["counters"]["steps"] == 300
 
 
 def test_every_nth_game_is_filmed(run_dir: Path) -> None:

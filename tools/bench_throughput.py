@@ -9,7 +9,8 @@ preprocessing) so machine noise hits all alike:
   daemon-seed   runtime.loop.ActingLoop + A2CLearner with presets/seed.yaml (seed net, Adam)
   streamx-loop  the public stream AC(lambda) script's update: V(s), V(s') and pi(s) as separate
                 forwards, two backward passes, ObGD with per-parameter Python loops and .item()
-  daemon-stream ActingLoop + A2CLearner with the default config.yaml (stream net, ObGD)
+  daemon-stream ActingLoop + A2CLearner with config.yaml on the stream net (ObGD)
+  daemon-default  the default config.yaml as it is (ObGD over the seed net's shared trunk)
   *-overlap     the same daemon loops with run.overlap_stream: true (the stream steps on a
                 second thread during the update; the acting policy lags by one update)
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
@@ -55,9 +56,9 @@ def daemon_loop(config_path: Path, overrides: tuple[str, ...] = ()) -> Step:
     return step
 
 
-def learner_only(config_path: Path) -> Step:
+def learner_only(config_path: Path, overrides: tuple[str, ...] = ()) -> Step:
     """act + update on 256 recorded frames: the learner's compute with a free stream."""
-    config = load_config(config_path)
+    config = load_config(config_path, list(overrides))
     stream = open_stream(config, config.seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
     frames = [stream.reset()]
@@ -194,16 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     seed_preset, default = ROOT / "presets" / "seed.yaml", ROOT / "config.yaml"
     overlap, threads = ("run.overlap_stream=true",), ("run.torch_threads=2",)
+    stream_net = ("agent.network=stream",)
     variants = {"seed-loop": _baseline(seed_loop(), args.threads),
                 "daemon-seed": daemon_loop(seed_preset),
                 "daemon-seed-overlap": daemon_loop(seed_preset, overlap),
                 "daemon-seed-2threads": daemon_loop(seed_preset, threads),
                 "learner-seed": learner_only(seed_preset),
                 "streamx-loop": _baseline(streamx_loop(), args.threads),
-                "daemon-stream": daemon_loop(default),
-                "daemon-stream-overlap": daemon_loop(default, overlap),
-                "daemon-stream-2threads": daemon_loop(default, threads),
-                "learner-stream": learner_only(default)}
+                "daemon-stream": daemon_loop(default, stream_net),
+                "daemon-stream-overlap": daemon_loop(default, stream_net + overlap),
+                "daemon-stream-2threads": daemon_loop(default, stream_net + threads),
+                "learner-stream": learner_only(default, stream_net),
+                "daemon-default": daemon_loop(default)}
     for step in variants.values():
         time_block(step, 50)  # warm-up: allocator, oneDNN primitive caches
     rates: dict[str, list[float]] = {name: [] for name in variants}
