@@ -46,9 +46,11 @@ def test_breakout_run_learns_from_frames(run_dir: Path) -> None:
     assert payload["spec"]["network"] == "seed" and payload["counters"]["steps"] == 300
 
 
-def test_every_nth_game_is_filmed(run_dir: Path) -> None:
+@pytest.mark.parametrize("overlap", ["false", "true"])
+def test_every_nth_game_is_filmed(run_dir: Path, overlap: str) -> None:
     done = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "700",
-                                          "--set", "log.video_every_episodes=2"))
+                                          "--set", "log.video_every_episodes=2",
+                                          "--set", f"run.overlap_stream={overlap}"))
     assert done.returncode == 0, done.stderr
     videos = sorted((run_dir / "videos").glob("game-*.mp4"))
     assert videos and all(v.stat().st_size > 1000 for v in videos)
