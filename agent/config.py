@@ -34,12 +34,12 @@ def at_least(low: float, *, allow_none: bool = False) -> Check:
     return check
 
 
-def above(low: float) -> Check:
-    return lambda v: None if v > low else f"must be > {low}"
-
-
-def above_or_none(low: float) -> Check:
-    return lambda v: None if v is None or v > low else f"must be > {low} or null"
+def above(low: float, *, allow_none: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        if v is None:
+            return None if allow_none else "must be set"
+        return None if v > low else f"must be > {low}" + (" or null" if allow_none else "")
+    return check
 
 
 def within(low: float, high: float) -> Check:
@@ -80,7 +80,7 @@ class AgentConfig:
     td_error_clip: float | None = option(
         None, "adam only: clip the TD error that scales the gradient to [-c, c] (the "
         "derivative of a Huber loss: one surprising transition moves the weights no more "
-        "than c would); null = none.", above_or_none(0.0))
+        "than c would); null = none.", above(0.0, allow_none=True))
     normalize_observations: bool = option(True, "Running per-element mean/variance "
                                           "normalisation of observations.")
     reward_transform: str = option(

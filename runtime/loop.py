@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -19,6 +21,7 @@ from runtime.streams import Stream
 from runtime.video import GameRecorder, VideoError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Metrics averaged over a game for metrics.jsonl.
 AVERAGED = ("actor_loss", "critic_loss", "entropy", "td_error", "value")
@@ -87,6 +90,15 @@ class _GameTally:
 StepResult = tuple[np.ndarray, float, bool, bool, dict]
 
 
+def _sensor(what: str, call: Callable[..., T], *args: object) -> T:
+    """Call the stream (directly or through the worker's future); any failure of the
+    sensor becomes a recoverable StreamFault naming what failed."""
+    try:
+        return call(*args)
+    except Exception as exc:  # noqa: BLE001 - any sensor failure is recoverable
+        raise StreamFault(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
 class ActingLoop:
     """Runs the agent's life on a stream that never ends: episodes reset automatically.
 
@@ -115,22 +127,19 @@ class ActingLoop:
         self.observation: np.ndarray = self._reset()
 
     def _reset(self) -> np.ndarray:
-        try:
-            return self.stream.reset()
-        except Exception as exc:  # noqa: BLE001 - any sensor failure is recoverable
-            raise StreamFault(f"reset: {type(exc).__name__}: {exc}") from exc
+        return _sensor("reset", self.stream.reset)
 
     def step(self) -> GameSummary | None:
         """One agent step and one update; returns a summary when a whole game ended."""
         obs = self.observation
         if self._in_flight is None:
             action = self.learner.act(obs)
-            result = self._step_stream(action)
+            result = _sensor("step", self.stream.step, action)
         else:
             action, future = self._in_flight
             self._in_flight = None
             self.learner.forward(obs)  # while the stream computes s'
-            result = self._result(future)
+            result = _sensor("step", future.result)
         next_obs, reward, terminated, truncated, info = result
         self.counters.steps += 1
         if self.recorder is not None:
@@ -154,19 +163,6 @@ class ActingLoop:
         if metrics is None and self.rollback_on_nonfinite:
             raise RollbackNeeded(summary)  # after the step is counted: the stream moved on
         return summary
-
-    def _step_stream(self, action: int) -> StepResult:
-        try:
-            return self.stream.step(action)
-        except Exception as exc:  # noqa: BLE001 - any sensor failure is recoverable
-            raise StreamFault(f"step: {type(exc).__name__}: {exc}") from exc
-
-    @staticmethod
-    def _result(future: Future[StepResult]) -> StepResult:
-        try:
-            return future.result()
-        except Exception as exc:  # noqa: BLE001 - any sensor failure is recoverable
-            raise StreamFault(f"step: {type(exc).__name__}: {exc}") from exc
 
     def _drain(self) -> None:
         """Wait out a stream step still in flight (its result is dropped)."""
