@@ -42,8 +42,12 @@ def above(low: float, *, allow_none: bool = False) -> Check:
     return check
 
 
-def within(low: float, high: float) -> Check:
-    return lambda v: None if low <= v <= high else f"must be in [{low}, {high}]"
+def within(low: float, high: float, *, allow_none: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        if v is None:
+            return None if allow_none else "must be set"
+        return None if low <= v <= high else f"must be in [{low}, {high}]"
+    return check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,14 @@ class AgentConfig:
         at_least(0.0, allow_none=True))
     entropy_decay_steps: int = option(1_000_000, "Updates over which beta decays linearly "
                                       "to entropy_final.", at_least(1))
+    entropy_floor: float | None = option(
+        None, "Entropy floor as a fraction of the largest entropy, ln(actions): while the "
+        "policy's entropy is below it, beta grows (and shrinks back to the scheduled value "
+        "above it), so a policy that turns deterministic too early is pushed back to "
+        "explore; null = off.", within(0.0, 1.0, allow_none=True))
+    entropy_floor_rate: float = option(
+        1e-3, "How fast beta adapts to the floor: per update, log(beta / scheduled beta) "
+        "moves by rate * (floor - entropy / ln(actions)), kept in [0, ln 100].", above(0.0))
     critic_coeff: float = option(1.0, "Weight of the critic loss c*delta^2 (adam).", above(0.0))
     max_grad_norm: float | None = option(0.5, "Gradient-norm clip for adam; null = none.",
                                          at_least(0.0, allow_none=True))

@@ -39,6 +39,9 @@ class _Pending(NamedTuple):
     updates: int
 
 
+_MAX_ENTROPY_GAIN = math.log(100.0)  # beta grows at most 100-fold over its schedule
+
+
 def _batch(obs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(obs)).unsqueeze(0)
 
@@ -59,6 +62,9 @@ class A2CLearner:
         self.rng = torch.Generator().manual_seed(seed)
         self.reward_scaler = RewardScaler(config.gamma)
         self.updates = 0
+        # log(beta / scheduled beta), raised while the entropy is below entropy_floor.
+        self.entropy_gain = 0.0
+        self._max_entropy = math.log(num_actions) if num_actions > 1 else 1.0
         self._pending: _Pending | None = None
         self._prepared: tuple[np.ndarray, torch.Tensor] | None = None
         self._ahead: tuple[np.ndarray, float, int] | None = None  # (s', V(s'), updates)
@@ -151,16 +157,28 @@ class A2CLearner:
             raise NonFiniteError(f"TD error is not finite (reward {t.reward!r})")
         log_probs = F.log_softmax(logits[0], dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum()
-        beta = self.config.entropy_at(self.updates)
+        beta = self.config.entropy_at(self.updates) * math.exp(self.entropy_gain)
         if self.config.optimizer == "obgd":
             metrics = self._obgd_step(delta_f, log_probs[t.action], entropy, value[0], beta, done)
         else:
             metrics = self._adam_step(delta_f, log_probs[t.action], entropy, value[0], beta,
                                       done)
         self.updates += 1
-        metrics.update(value=float(value[0].detach()), entropy=float(entropy.detach()),
+        entropy_f = float(entropy.detach())
+        self._adapt_entropy_gain(entropy_f)
+        metrics.update(value=float(value[0].detach()), entropy=entropy_f,
                        reward_scaled=reward, entropy_coeff=beta)
         return metrics
+
+    def _adapt_entropy_gain(self, entropy: float) -> None:
+        """Entropy floor: a dual step on log beta, like SAC's temperature but one-sided
+        (the gain never drops below 0, so above the floor beta is the scheduled one)."""
+        floor = self.config.entropy_floor
+        if floor is None:
+            return
+        deficit = floor - entropy / self._max_entropy
+        gain = self.entropy_gain + self.config.entropy_floor_rate * deficit
+        self.entropy_gain = min(max(gain, 0.0), _MAX_ENTROPY_GAIN)
 
     def _transform_reward(self, reward: float, done: bool) -> float:
         mode = self.config.reward_transform
@@ -287,7 +305,8 @@ class A2CLearner:
                 optimizer["trace"] = self.adam_trace.clone()
         return {"network": {k: v.clone() for k, v in self.net.state_dict().items()},
                 "optimizer": optimizer, "reward_scaler": self.reward_scaler.state_dict(),
-                "rng": self.rng.get_state(), "updates": self.updates}
+                "rng": self.rng.get_state(), "updates": self.updates,
+                "entropy_gain": self.entropy_gain}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state; raises ValueError if it belongs to a different network."""
@@ -312,6 +331,7 @@ class A2CLearner:
         self.reward_scaler.load_state_dict(state["reward_scaler"])
         self.rng.set_state(state["rng"])
         self.updates = int(state["updates"])
+        self.entropy_gain = float(state.get("entropy_gain", 0.0))  # absent before the floor
         self._pending = None
         self._prepared = None
         self._ahead = None

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Metrics averaged over a game for metrics.jsonl.
-AVERAGED = ("actor_loss", "critic_loss", "entropy", "td_error", "value")
+AVERAGED = ("actor_loss", "critic_loss", "entropy", "entropy_coeff", "td_error", "value")
 
 
 class StreamFault(Exception):

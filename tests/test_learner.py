@@ -257,3 +257,31 @@ def test_adam_state_saved_per_tensor_is_re_laid_into_the_flat_buffer() -> None:
         torch.testing.assert_close(flat_state["exp_avg"][offset:offset + p.numel()],
                                    old.state[p]["exp_avg"].reshape(-1))
     assert float(flat_state["step"]) == 1.0
+
+
+def test_entropy_floor_raises_beta_only_while_the_entropy_is_below_it() -> None:
+    config = dataclasses.replace(PLAIN, entropy_floor=0.5, entropy_floor_rate=0.1)
+    learner = A2CLearner(config, (3,), 2, seed=0)
+    # a near-deterministic policy (entropy fraction ~0.08): beta grows update by update
+    head = learner.net.policy_head[-1]  # the logits layer
+    with torch.no_grad():  # in place: the parameters are views of one flat buffer
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([4.0, -4.0]))
+    betas = [learner.update(Transition(S, 0, 0.0, S2, False, False))["entropy_coeff"]
+             for _ in range(5)]
+    assert betas[0] == pytest.approx(config.entropy_coeff)
+    assert all(b2 > b1 for b1, b2 in zip(betas, betas[1:], strict=False))
+    gain = learner.entropy_gain
+    # the gain is part of the learner's state
+    fresh = A2CLearner(config, (3,), 2, seed=0)
+    fresh.load_state_dict(learner.state_dict())
+    assert fresh.entropy_gain == gain
+    # a uniform policy (fraction 1.0 > floor): beta falls back towards, never below, the
+    # scheduled value
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    for _ in range(200):
+        beta = learner.update(Transition(S, 0, 0.0, S2, False, False))["entropy_coeff"]
+    assert beta == pytest.approx(config.entropy_coeff)
+    assert learner.entropy_gain == 0.0
