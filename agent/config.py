@@ -1,7 +1,7 @@
 """Learner settings, and the small helper every config section uses to declare its fields.
 
 Each field carries a docstring and an optional validity check in its metadata, so the
-loader in `runtime.config` can reject a bad value with a message that names the key.
+loader in `runtime.daemon.config` can reject a bad value with a message that names the key.
 """
 
 from __future__ import annotations

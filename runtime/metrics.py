@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runtime.checkpoints import write_atomic
+from runtime.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +57,6 @@ class MetricsLog:
         os.fsync(self._file.fileno())
         self._file.close()
 
-
-class TensorBoardLog:
-    """Per-game scalars for TensorBoard, beside metrics.jsonl (which stays the record)."""
-
-    def __init__(self, directory: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("log.tensorboard: needs the tensorboard package "
-                             "(pip install tensorboard)") from None
-        self._writer = SummaryWriter(str(directory))
-
-    def write(self, record: dict[str, Any]) -> None:
-        step = record["step"]
-        for key, value in record.items():
-            if key not in ("step", "episode", "time") and isinstance(value, (int, float)):
-                self._writer.add_scalar(f"game/{key}", value, step)
-
-    def close(self) -> None:
-        self._writer.close()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol, runtime_checkable
 
 import gymnasium as gym
@@ -57,6 +57,20 @@ class AtariOptions:
             raise StreamError("noop_max must be >= 0")
         if not 0.0 <= self.repeat_action_probability <= 1.0:
             raise StreamError("repeat_action_probability must be in [0, 1]")
+
+
+class EnvSettings(Protocol):
+    """The config's env section, as the stream factory reads it (by attribute name, so
+    this module needs none of the learner side's config code)."""
+
+    id: str
+    kwargs: dict
+    frame_skip: int
+    screen_size: int
+    frame_stack: int
+    noop_max: int
+    terminal_on_life_loss: bool
+    repeat_action_probability: float
 
 
 @runtime_checkable
@@ -405,3 +419,10 @@ def make_stream(
         env.close()
         raise StreamError(f"environment {env_id!r} is not an ale_py AtariEnv")
     return AtariStream(env, opts, seed=seed)
+
+
+def open_stream(env: EnvSettings, seed: int) -> Stream:
+    """The stream an env config section describes: what the daemon learns from, and what
+    the exporter and the benchmarks replay."""
+    atari = AtariOptions(**{f.name: getattr(env, f.name) for f in fields(AtariOptions)})
+    return make_stream(env.id, dict(env.kwargs), seed=seed, atari=atari)

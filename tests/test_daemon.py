@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from runtime.checkpoints import CheckpointStore, read_checkpoint
-from runtime.config import load_config
-from runtime.daemon import Daemon, StopFlag
+from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
+from runtime.daemon.config import load_config
+from runtime.daemon.lifecycle import Daemon, StopFlag
 from tests.conftest import CARTPOLE, ROOT, cli, start_daemon, wait_for_status
 
 

@@ -205,8 +205,8 @@ def test_only_the_inference_runtime_is_copied_in(tmp_path: Path) -> None:
     assert placed == {str(model): "model/policy.onnx"}
     # The inference runtime and the modules it imports; nothing of the torch side.
     assert {"runtime/__init__.py", "runtime/infer.py", "runtime/streams.py"} <= set(runtime)
-    assert not set(runtime) & {"runtime/config.py", "runtime/daemon.py",
-                               "runtime/checkpoints.py", "runtime/loop.py"}
+    assert not set(runtime) & {"runtime/daemon/config.py", "runtime/daemon/lifecycle.py",
+                               "runtime/daemon/checkpoints.py", "runtime/daemon/loop.py"}
     assert all(f.startswith("runtime/") for f in runtime)
 
 

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from runtime.checkpoints import CheckpointStore, read_checkpoint
+from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.infer import ModelError, Policy, check_fits
 from runtime.streams import make_stream
 from tests.conftest import CARTPOLE, ROOT, _env, cli, load_tool
@@ -153,8 +153,8 @@ def test_runtime_is_torch_free(breakout: dict, tmp_path: Path) -> None:
         f"code = infer.main(['--model', {str(breakout['model'])!r}, '--max-steps', '60',"
         " '--sample'])\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in"
-        " ('torch', 'onnx', 'agent') or m in ('runtime.config', 'runtime.daemon',"
-        " 'runtime.checkpoints'))\n"
+        " ('torch', 'onnx', 'agent') or m in ('runtime.daemon.config', 'runtime.daemon',"
+        " 'runtime.daemon.checkpoints'))\n"
         "assert code == 0 and not bad, (code, bad)\n"
     )
     env = _env()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.checkpoints import (
+from runtime.daemon.checkpoints import (
     FORMAT_VERSION,
     MAGIC,
     CheckpointError,
@@ -25,8 +25,8 @@ from runtime.checkpoints import (
     encode,
     read_checkpoint,
 )
-from runtime.config import load_config
-from runtime.daemon import Daemon
+from runtime.daemon.config import load_config
+from runtime.daemon.lifecycle import Daemon
 from tests.conftest import ROOT, cli, start_daemon, wait_for_status
 
 FAULTY = "env.id=tests.faulty_env:FaultyCartPole-v0"

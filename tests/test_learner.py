@@ -13,7 +13,7 @@ import torch
 from agent.config import AgentConfig
 from agent.learner import A2CLearner, Transition
 from agent.optimizers import ObGD
-from runtime.config import load_config
+from runtime.daemon.config import load_config
 from tests.conftest import ROOT, load_tool
 
 PLAIN = AgentConfig(network="mlp", hidden_size=16, normalize_observations=False,

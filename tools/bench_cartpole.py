@@ -3,7 +3,7 @@
     python tools/bench_cartpole.py [--steps 20000] [--seeds 5] [--config config.yaml]
                                    [--set KEY=VALUE ...]
 
-Uses the daemon's own loop (runtime.loop.ActingLoop, stream and learner built from the
+Uses the daemon's own loop (runtime.daemon.loop.ActingLoop, stream and learner built from the
 config with env.id=CartPole-v1) and prints one JSON object: per seed, the mean return of
 the last 20 episodes (random play is about 22).
 """
@@ -21,14 +21,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from agent.learner import A2CLearner  # noqa: E402
-from runtime.config import load_config  # noqa: E402
-from runtime.daemon import open_stream  # noqa: E402
-from runtime.loop import ActingLoop, Counters  # noqa: E402
+from runtime.daemon.config import load_config  # noqa: E402
+from runtime.daemon.loop import ActingLoop, Counters  # noqa: E402
+from runtime.streams import open_stream  # noqa: E402
 
 
 def last_20_mean(config_path: str, overrides: list[str], seed: int, steps: int) -> float:
     config = load_config(config_path, ["env.id=CartPole-v1", f"seed={seed}", *overrides])
-    stream = open_stream(config, seed)
+    stream = open_stream(config.env, seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions,
                          seed=seed)
     loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)

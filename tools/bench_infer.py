@@ -86,8 +86,8 @@ def child_torch(checkpoint: str, frames_path: str, repeats: int) -> dict:
     import torch
 
     from agent.learner import A2CLearner
-    from runtime.checkpoints import read_checkpoint
-    from runtime.config import from_dict
+    from runtime.daemon.checkpoints import read_checkpoint
+    from runtime.daemon.config import from_dict
 
     torch.set_num_threads(1)
     payload = read_checkpoint(Path(checkpoint))

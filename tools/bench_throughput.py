@@ -6,7 +6,7 @@ Variants, run alternating in blocks on ALE/Breakout-v5 with the same stream (our
 preprocessing) so machine noise hits all alike:
   seed-loop     the seed notebook's loop: float32 frames, two full forwards per step,
                 backward, clip_grad_norm_, Adam (foreach), seed network
-  daemon-seed   runtime.loop.ActingLoop + A2CLearner with presets/seed.yaml (seed net, Adam)
+  daemon-seed   runtime.daemon.loop.ActingLoop + A2CLearner with presets/seed.yaml (seed net, Adam)
   streamx-loop  the public stream AC(lambda) script's update: V(s), V(s') and pi(s) as separate
                 forwards, two backward passes, ObGD with per-parameter Python loops and .item()
   daemon-stream ActingLoop + A2CLearner with config.yaml on the stream net (ObGD)
@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from agent.learner import A2CLearner, Transition  # noqa: E402
 from agent.networks import build_network  # noqa: E402
-from runtime.config import load_config  # noqa: E402
-from runtime.daemon import configure_torch, open_stream  # noqa: E402
-from runtime.loop import ActingLoop, Counters  # noqa: E402
+from runtime.daemon.config import load_config  # noqa: E402
+from runtime.daemon.lifecycle import configure_torch  # noqa: E402
+from runtime.daemon.loop import ActingLoop, Counters  # noqa: E402
+from runtime.streams import open_stream  # noqa: E402
 
 Step = Callable[[], None]
 
@@ -46,7 +47,7 @@ Step = Callable[[], None]
 def daemon_loop(config_path: Path, overrides: tuple[str, ...] = ()) -> Step:
     """The exact code path the daemon runs per step."""
     config = load_config(config_path, list(overrides))
-    stream = open_stream(config, config.seed)
+    stream = open_stream(config.env, config.seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
     loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
 
@@ -59,7 +60,7 @@ def daemon_loop(config_path: Path, overrides: tuple[str, ...] = ()) -> Step:
 def learner_only(config_path: Path, overrides: tuple[str, ...] = ()) -> Step:
     """act + update on 256 recorded frames: the learner's compute with a free stream."""
     config = load_config(config_path, list(overrides))
-    stream = open_stream(config, config.seed)
+    stream = open_stream(config.env, config.seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
     frames = [stream.reset()]
     for i in range(256):
@@ -86,7 +87,7 @@ def _baseline(step: Step, threads: int) -> Step:
 
 def seed_loop() -> Step:
     """The seed notebook's training step (its compute, with gamma used and V(s') detached)."""
-    stream = open_stream(load_config(None), 0)
+    stream = open_stream(load_config(None).env, 0)
     net = build_network("seed", stream.spec.observation_shape, stream.spec.num_actions,
                         hidden_size=256, sparsity=0.0, normalize=False)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
@@ -142,7 +143,7 @@ class _ObGDScript(torch.optim.Optimizer):
 def streamx_loop() -> Step:
     """The public stream AC(lambda) script's per-step update, on the stream network."""
     config = load_config(ROOT / "config.yaml")
-    stream = open_stream(config, 0)
+    stream = open_stream(config.env, 0)
     net = build_network("stream", stream.spec.observation_shape, stream.spec.num_actions,
                         hidden_size=256, sparsity=0.9, normalize=True)
     pi, v = net.policy_head, net.value_head

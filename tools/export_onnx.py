@@ -40,9 +40,9 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 from agent.learner import A2CLearner  # noqa: E402
-from runtime.checkpoints import CheckpointError, CheckpointStore, read_checkpoint  # noqa: E402
 from runtime.cli import OneLineParser, UsageError  # noqa: E402
-from runtime.config import Config, ConfigError, from_dict  # noqa: E402
+from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint  # noqa: E402
+from runtime.daemon.config import Config, ConfigError, from_dict  # noqa: E402
 from runtime.infer import (  # noqa: E402
     ModelError,
     Policy,
@@ -404,9 +404,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _spec_for(config: Config, seed: int) -> Any:
     """The StreamSpec of the run's stream, built exactly as the daemon builds it."""
-    from runtime.daemon import open_stream
+    from runtime.streams import open_stream
 
-    stream = open_stream(config, seed)
+    stream = open_stream(config.env, seed)
     try:
         return stream.spec
     finally:

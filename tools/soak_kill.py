@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from runtime.checkpoints import CheckpointError, CheckpointStore, read_checkpoint  # noqa: E402
+from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint  # noqa: E402
 
 
 class Violation(Exception):

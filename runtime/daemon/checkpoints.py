@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from runtime.files import write_atomic
+
 FORMAT_VERSION = 1
 MAGIC = b"STREAMAGENT-CKPT-1 "
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
@@ -26,30 +28,6 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; str() names the file and the reason."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """temp file, flush + fsync, os.replace, directory fsync: the name points at the old
-    bytes or the new bytes, never at a partial file, whenever the power goes."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def encode(payload: dict[str, Any]) -> bytes:

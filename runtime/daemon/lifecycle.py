@@ -25,13 +25,15 @@ import torch
 import yaml
 
 from agent.learner import A2CLearner
-from runtime.checkpoints import CheckpointError, CheckpointStore, write_atomic
 from runtime.cli import OneLineParser, UsageError
-from runtime.config import Config, ConfigError, load_config, to_dict
-from runtime.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, StreamFault
-from runtime.metrics import MetricsLog, TensorBoardLog, write_status
+from runtime.daemon.checkpoints import CheckpointError, CheckpointStore
+from runtime.daemon.config import Config, ConfigError, load_config, to_dict
+from runtime.daemon.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, StreamFault
+from runtime.daemon.tensorboard import TensorBoardLog
+from runtime.files import write_atomic
+from runtime.metrics import MetricsLog, write_status
 from runtime.sdnotify import Notifier
-from runtime.streams import AtariOptions, Stream, StreamError, make_stream
+from runtime.streams import StreamError, open_stream
 from runtime.video import GameRecorder, VideoError
 
 log = logging.getLogger("runtime.daemon")
@@ -64,15 +66,6 @@ def configure_torch(config: Config, network: str) -> None:
     torch.set_num_threads(config.run.torch_threads)
     onednn = config.run.onednn
     torch.backends.mkldnn.enabled = onednn == "on" or (onednn == "auto" and network != "stream")
-
-
-def open_stream(config: Config, seed: int) -> Stream:
-    env = config.env
-    atari = AtariOptions(frame_skip=env.frame_skip, screen_size=env.screen_size,
-                         frame_stack=env.frame_stack, noop_max=env.noop_max,
-                         terminal_on_life_loss=env.terminal_on_life_loss,
-                         repeat_action_probability=env.repeat_action_probability)
-    return make_stream(env.id, dict(env.kwargs), seed=seed, atari=atari)
 
 
 class StopFlag:
@@ -125,7 +118,7 @@ class Daemon:
         self._lock_run_dir()
         setup_logging(self.config, self.run_dir / "daemon.log")
         try:
-            self.stream = open_stream(self.config, self.config.seed)
+            self.stream = open_stream(self.config.env, self.config.seed)
         except StreamError as exc:
             raise UsageError(f"env.id: {exc}") from None
         spec = self.stream.spec
@@ -311,7 +304,7 @@ class Daemon:
             except Exception:  # noqa: BLE001, S110 - a broken stream may fail to close too
                 pass
             try:
-                self.stream = open_stream(self.config, self.config.seed + self.counters.steps)
+                self.stream = open_stream(self.config.env, self.config.seed + self.counters.steps)
                 self.learner.reset_traces()
                 loop.attach(self.stream)
                 return True

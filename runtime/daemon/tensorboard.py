@@ -1,0 +1,28 @@
+"""Optional per-game scalars for TensorBoard (log.tensorboard: true), through torch's
+SummaryWriter, hence on the learner side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class TensorBoardLog:
+    """Per-game scalars for TensorBoard, beside metrics.jsonl (which stays the record)."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("log.tensorboard: needs the tensorboard package "
+                             "(pip install tensorboard)") from None
+        self._writer = SummaryWriter(str(directory))
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if key not in ("step", "episode", "time") and isinstance(value, (int, float)):
+                self._writer.add_scalar(f"game/{key}", value, step)
+
+    def close(self) -> None:
+        self._writer.close()
