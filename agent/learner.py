@@ -19,7 +19,6 @@ from agent.config import AgentConfig
 from agent.networks import ActorCritic, build_network, resolve_network
 from agent.normalizers import RewardScaler
 from agent.optimizers import NonFiniteError, ObGD
-from agent.trunk import SharedTrunkGrads, TrunkPass, supports
 
 
 class Transition(NamedTuple):
@@ -38,14 +37,6 @@ class _Pending(NamedTuple):
     logits: torch.Tensor
     value: torch.Tensor
     updates: int
-    trunk: _TrunkGraph | None
-
-
-class _TrunkGraph(NamedTuple):
-    """A shared trunk's graph-free pass and its output as the heads' input (with grad)."""
-
-    trunk_pass: TrunkPass
-    features: torch.Tensor
 
 
 _MAX_ENTROPY_GAIN = math.log(100.0)  # beta grows at most 100-fold over its schedule
@@ -83,12 +74,6 @@ class A2CLearner:
             self.value_opt = ObGD(self.net.value_flat, kappa=config.kappa_value, **common)
             self._policy_params = self.net.policy_parameters()
             self._value_params = self.net.value_parameters()
-            # Over a plain conv trunk both trunk gradients come from one backward pass.
-            self._trunk_grads = SharedTrunkGrads(self.net.trunk) \
-                if self.net.shared_trunk and supports(self.net.trunk) else None
-            self._trunk_grads_numel = sum(p.numel() for p in self.net.trunk.parameters())
-            self._pi_grad = torch.empty_like(self.net.policy_flat)
-            self._v_grad = torch.empty_like(self.net.value_flat)
         else:
             # Adam over the one flat buffer (its gradient is the flat gradient buffer):
             # one fused kernel per step instead of one per parameter tensor.
@@ -115,19 +100,8 @@ class A2CLearner:
 
     def forward(self, observation: np.ndarray) -> None:
         """The forward pass on s, with its graph, kept for the update on s."""
-        self._pending = self._forward_with_graph(observation, self._inputs(observation))
-
-    def _forward_with_graph(self, observation: np.ndarray, inputs: torch.Tensor) -> _Pending:
-        trunk_grads = getattr(self, "_trunk_grads", None)
-        if trunk_grads is None:
-            logits, value = self.net.heads(inputs)
-            return _Pending(observation, logits, value, self.updates, None)
-        trunk_pass = trunk_grads.forward(inputs)
-        features = trunk_pass.output.flatten(1).requires_grad_()
-        logits = self.net.policy_head(features)
-        value = self.net.value_head(features).squeeze(-1)
-        return _Pending(observation, logits, value, self.updates,
-                        _TrunkGraph(trunk_pass, features))
+        logits, value = self.net.heads(self._inputs(observation))
+        self._pending = _Pending(observation, logits, value, self.updates)
 
     def act(self, observation: np.ndarray) -> int:
         """Sample an action for s; keeps the forward pass for the update on s."""
@@ -161,12 +135,11 @@ class A2CLearner:
         """One A2C update from one transition; returns its metrics."""
         pending = self._pending
         self._pending = None
-        if pending is None or pending.observation is not t.observation \
-                or pending.updates != self.updates:
-            # Not acted on (a test, or after a refusal): s does not join the statistics.
-            pending = self._forward_with_graph(
-                t.observation, self.net.preprocess(_batch(t.observation)))
-        logits, value = pending.logits, pending.value
+        if pending is not None and pending.observation is t.observation \
+                and pending.updates == self.updates:
+            logits, value = pending.logits, pending.value
+        else:
+            logits, value = self.net(_batch(t.observation))
         done = t.terminated or t.truncated
         reward = self._transform_reward(t.reward, done)
         ahead, self._ahead = self._ahead, None
@@ -186,8 +159,7 @@ class A2CLearner:
         entropy = -(log_probs.exp() * log_probs).sum()
         beta = self.config.entropy_at(self.updates) * math.exp(self.entropy_gain)
         if self.config.optimizer == "obgd":
-            metrics = self._obgd_step(delta_f, log_probs[t.action], entropy, value[0], beta, done,
-                                      pending.trunk)
+            metrics = self._obgd_step(delta_f, log_probs[t.action], entropy, value[0], beta, done)
         else:
             metrics = self._adam_step(delta_f, log_probs[t.action], entropy, value[0], beta,
                                       done)
@@ -217,15 +189,12 @@ class A2CLearner:
         return reward
 
     def _obgd_step(self, delta_f: float, log_prob: torch.Tensor, entropy: torch.Tensor,
-                   value: torch.Tensor, beta: float, done: bool,
-                   trunk: _TrunkGraph | None) -> dict[str, float]:
+                   value: torch.Tensor, beta: float, done: bool) -> dict[str, float]:
         # stream-x: the entropy bonus is signed by delta so it pushes with the trace.
         policy_objective = -(log_prob + beta * float(np.sign(delta_f)) * entropy)
         value_objective = -value
         net = self.net
-        if trunk is not None:
-            pi_grad, v_grad = self._shared_trunk_grads(policy_objective, value_objective, trunk)
-        elif net.shared_trunk:
+        if net.shared_trunk:
             # The trunk feeds both objectives: each needs its own gradient of it.
             grads = [torch.autograd.grad(objective, params, retain_graph=True)
                      for objective, params in ((policy_objective, self._policy_params),
@@ -243,24 +212,6 @@ class A2CLearner:
         return {"td_error": delta_f, "actor_loss": -float(log_prob.detach()) * delta_f,
                 "critic_loss": delta_f * delta_f, "step_size_policy": step_pi,
                 "step_size_value": step_v}
-
-    def _shared_trunk_grads(self, policy_objective: torch.Tensor,
-                            value_objective: torch.Tensor,
-                            trunk: _TrunkGraph) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both flat gradients with autograd over the heads only, then one backward pass
-        through the trunk for the two cotangents at its output (agent/trunk.py)."""
-        net = self.net
-        policy_head, value_head = list(net.policy_head.parameters()), \
-            list(net.value_head.parameters())
-        pi = torch.autograd.grad(policy_objective, [trunk.features, *policy_head])
-        v = torch.autograd.grad(value_objective, [trunk.features, *value_head])
-        pi_grad, v_grad = self._pi_grad, self._v_grad
-        head = pi_grad.numel() - self._trunk_grads_numel
-        torch.cat([g.reshape(-1) for g in pi[1:]], out=pi_grad[:head])
-        torch.cat([g.reshape(-1) for g in v[1:]], out=v_grad[self._trunk_grads_numel:])
-        self._trunk_grads.backward(trunk.trunk_pass, torch.cat([pi[0], v[0]]),
-                                   (pi_grad[head:], v_grad[:self._trunk_grads_numel]))
-        return pi_grad, v_grad
 
     def _adam_step(self, delta_f: float, log_prob: torch.Tensor, entropy: torch.Tensor,
                    value: torch.Tensor, beta: float, done: bool) -> dict[str, float]:

@@ -10,9 +10,7 @@ preprocessing) so machine noise hits all alike:
   streamx-loop  the public stream AC(lambda) script's update: V(s), V(s') and pi(s) as separate
                 forwards, two backward passes, ObGD with per-parameter Python loops and .item()
   daemon-stream ActingLoop + A2CLearner with config.yaml on the stream net (ObGD)
-  daemon-default  the default config.yaml as it is (ObGD over the seed net's shared trunk,
-                both trunk gradients from one backward pass: agent/trunk.py)
-  daemon-default-two-pass  the same with autograd's two backward passes through the trunk
+  daemon-default  the default config.yaml as it is (ObGD over the seed net's shared trunk)
   *-overlap     the same daemon loops with run.overlap_stream: true (the stream steps on a
                 second thread during the update; the acting policy lags by one update)
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
@@ -46,15 +44,11 @@ from runtime.streams import open_stream  # noqa: E402
 Step = Callable[[], None]
 
 
-def daemon_loop(config_path: Path, overrides: tuple[str, ...] = (), *,
-                two_pass_trunk: bool = False) -> Step:
-    """The exact code path the daemon runs per step. `two_pass_trunk`: the shared trunk's
-    two gradients from two autograd passes, as before agent/trunk.py."""
+def daemon_loop(config_path: Path, overrides: tuple[str, ...] = ()) -> Step:
+    """The exact code path the daemon runs per step."""
     config = load_config(config_path, list(overrides))
     stream = open_stream(config.env, config.seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
-    if two_pass_trunk:
-        learner._trunk_grads = None
     loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
 
     def step() -> None:
@@ -198,31 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--block-steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", nargs="+", metavar="VARIANT",
-                        help="run only these variants (the ratios need their pairs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_preset, default = ROOT / "presets" / "seed.yaml", ROOT / "config.yaml"
     overlap, threads = ("run.overlap_stream=true",), ("run.torch_threads=2",)
     stream_net = ("agent.network=stream",)
-    factories: dict[str, Callable[[], Step]] = {
-                "seed-loop": lambda: _baseline(seed_loop(), args.threads),
-                "daemon-seed": lambda: daemon_loop(seed_preset),
-                "daemon-seed-overlap": lambda: daemon_loop(seed_preset, overlap),
-                "daemon-seed-2threads": lambda: daemon_loop(seed_preset, threads),
-                "learner-seed": lambda: learner_only(seed_preset),
-                "streamx-loop": lambda: _baseline(streamx_loop(), args.threads),
-                "daemon-stream": lambda: daemon_loop(default, stream_net),
-                "daemon-stream-overlap": lambda: daemon_loop(default, stream_net + overlap),
-                "daemon-stream-2threads": lambda: daemon_loop(default, stream_net + threads),
-                "learner-stream": lambda: learner_only(default, stream_net),
-                "daemon-default-two-pass": lambda: daemon_loop(default, two_pass_trunk=True),
-                "daemon-default": lambda: daemon_loop(default)}
-    unknown = set(args.only or ()) - set(factories)
-    if unknown:
-        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
-    variants = {name: make() for name, make in factories.items()
-                if not args.only or name in args.only}
+    variants = {"seed-loop": _baseline(seed_loop(), args.threads),
+                "daemon-seed": daemon_loop(seed_preset),
+                "daemon-seed-overlap": daemon_loop(seed_preset, overlap),
+                "daemon-seed-2threads": daemon_loop(seed_preset, threads),
+                "learner-seed": learner_only(seed_preset),
+                "streamx-loop": _baseline(streamx_loop(), args.threads),
+                "daemon-stream": daemon_loop(default, stream_net),
+                "daemon-stream-overlap": daemon_loop(default, stream_net + overlap),
+                "daemon-stream-2threads": daemon_loop(default, stream_net + threads),
+                "learner-stream": learner_only(default, stream_net),
+                "daemon-default": daemon_loop(default)}
     for step in variants.values():
         time_block(step, 50)  # warm-up: allocator, oneDNN primitive caches
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -230,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, step in variants.items():
             rates[name].append(time_block(step, args.block_steps))
 
-    def ratio(a: str, b: str) -> float | None:
-        if a not in rates or b not in rates:
-            return None
+    def ratio(a: str, b: str) -> float:
         return round(statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True)), 2)
 
     print(json.dumps({
@@ -249,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_2threads_over_daemon (stream net)": ratio("daemon-stream-2threads",
                                                          "daemon-stream"),
         "ratio_learner_alone_over_seed_loop (seed net)": ratio("learner-seed", "seed-loop"),
-        "ratio_default_one_pass_over_two_pass_trunk": ratio("daemon-default",
-                                                            "daemon-default-two-pass"),
     }, indent=1))
     return 0
 
