@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -219,3 +220,24 @@ def test_sweep_on_a_local_ray_instance(tmp_path: Path, capsys) -> None:
     assert all(r["steps"] == STEPS and math.isfinite(r["return"]) for r in rows)
     assert all(json.loads((Path(r["run_dir"]) / "bench.json").read_text())["wall_s"] > 0
                for r in rows)
+
+
+def test_an_interrupted_ray_sweep_stops_its_daemons_with_a_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    args = ["--config", "default", "--seeds", "0", "1", *fast(50_000), "--ray", "local",
+            "--jobs", "1", "--out-dir", str(tmp_path)]  # one CPU: seed 1 waits in Ray's queue
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "sweep.py"), *args],
+                            cwd=ROOT, env=_env(), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    first = tmp_path / "default" / "seed-0"
+    wait_for_status(first, 300)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 130, stderr
+    status = json.loads((first / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] < 50_000
+    assert "stopping (SIGTERM)" in (first / "daemon.log").read_text()
+    with pytest.raises(ProcessLookupError):
+        os.kill(status["pid"], 0)  # the cancelled task took its daemon with it
+    assert f"stopped at step {status['step']}" in stderr
+    assert not (tmp_path / "default" / "seed-1" / "status.json").exists()

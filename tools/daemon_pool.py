@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -33,11 +34,25 @@ def start_daemon(args: list[str], cwd: str | None) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
 
 
+def communicate(proc: subprocess.Popen[str]) -> str:
+    """The daemon's stderr once it has ended, waited for in one-second slices: ray.cancel's
+    interrupt lands only between Python bytecodes, never inside one long blocking read."""
+    while True:
+        try:
+            return proc.communicate(timeout=1.0)[1]
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def wait_daemon(proc: subprocess.Popen[str], started: float) -> Result:
-    """Wait for a daemon's end. Interrupted here (ray.cancel raises KeyboardInterrupt in
-    the task), the daemon gets SIGTERM first and writes its final checkpoint."""
+    """Wait for a daemon's end. Interrupted (ray.cancel raises KeyboardInterrupt in its
+    task), it SIGTERMs the daemon, which writes its final checkpoint, and reports that end
+    like any other, so the caller still learns the step and the wall time."""
     try:
-        _, stderr = proc.communicate()
+        stderr = communicate(proc)
+    except KeyboardInterrupt:
+        proc.terminate()
+        stderr = communicate(proc)
     except BaseException:
         proc.terminate()
         proc.communicate()
@@ -49,6 +64,12 @@ def wait_daemon(proc: subprocess.Popen[str], started: float) -> Result:
 def run_daemon(args: list[str], project_dir: str) -> Result:
     """The Ray task: one daemon on whichever node Ray picked. It runs from the project
     directory where the node has it at the driver's path, else from the installed package."""
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+        # ray.cancel interrupts a task like a SIGINT, which does nothing where SIGINT is
+        # ignored: a worker of a Ray started from a background job (`sweep ... &`) inherits
+        # that, and the daemon would outlive its cancelled task
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     proc = start_daemon(args, project_dir if os.path.isdir(project_dir) else None)
     return wait_daemon(proc, started)
@@ -143,15 +164,24 @@ def run_on_ray(work: list[tuple[Key, list[str]]], done: Callable[[Key, Result], 
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            key = pending.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayError as exc:  # the task died, not the daemon
-                result = (1, str(exc).strip().splitlines()[0], 0.0)
-            done(key, result)
+            _report(ray, ready, pending, done)
         return True
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref)
-        ray.wait(list(pending), num_returns=len(pending), timeout=60)
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=60)
+        _report(ray, ready, pending, done)
         return False
+
+
+def _report(ray: Any, ready: list[Any], pending: dict[Any, Key],
+            done: Callable[[Key, Result], None]) -> None:
+    for ref in ready:
+        key = pending.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.TaskCancelledError:
+            continue  # cancelled before it started: no daemon ran
+        except ray.exceptions.RayError as exc:  # the task died, not the daemon
+            result = (1, str(exc).strip().splitlines()[0], 0.0)
+        done(key, result)

@@ -247,6 +247,8 @@ def run_grid(runs: list[Run], args: Any) -> int:
 
     if not work:
         return 0
+    # SIGTERM stops like Ctrl-C; set here, after ray.init, which installs its own handler
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     complete = (run_on_ray(work, done, args.ray, args.jobs) if args.ray
                 else LocalPool(args.jobs).run(work, done))
     if not complete:
@@ -332,7 +334,7 @@ def json_safe(value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         args = parse_args(argv)
         if args.ray and not args.summarize_only:
