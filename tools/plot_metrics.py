@@ -1,8 +1,13 @@
 """Learning curves: return per whole game against agent steps, rolling mean over 100 games.
 
     python tools/plot_metrics.py RUN_DIR [RUN_DIR ...] --out curve.png [--window 100]
+    python tools/plot_metrics.py --group runs/sweep/default --group NAME=DIR1,DIR2 --out c.png
 
 One line per run; the legend names each run by its directory (bench-default, bench-seed).
+`--group` draws one line per config instead: the mean over its seeds of their rolling
+means, on a common grid of steps up to where its shortest run ends, with a band of the
+95% percentile bootstrap interval of that mean over the seeds (tools/seed_stats.py). A
+group is NAME=DIR1,DIR2,... or a directory of run dirs (a config of tools/sweep.py).
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.metrics import read_jsonl  # noqa: E402
+from tools.seed_stats import bootstrap_ci, game_timeline  # noqa: E402
+
+GRID_POINTS = 200
 
 
 def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
@@ -28,13 +36,66 @@ def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[1:] - sums[np.maximum(np.arange(1, len(values) + 1) - window, 0)]) / counts
 
 
+def group_runs(spec: str) -> tuple[str, list[Path]]:
+    """NAME=DIR1,DIR2,... or a directory whose subdirectories with a metrics.jsonl are the
+    seeds -> (name, run dirs)."""
+    name, sep, dirs = spec.partition("=")
+    if sep:
+        return name, [Path(d) for d in dirs.split(",") if d]
+    parent = Path(spec)
+    return parent.name, sorted(d for d in parent.glob("*") if (d / "metrics.jsonl").exists())
+
+
+def seed_curves(run_dirs: list[Path], window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each run's rolling mean sampled on a common step grid: (grid, seeds x points). A
+    point holds the rolling mean as of the last game that ended by it; the grid spans from
+    where every run has a game to where the shortest run ends."""
+    runs = []
+    for run_dir in run_dirs:
+        games = game_timeline(read_jsonl(run_dir / "metrics.jsonl"))
+        steps = np.array([g["step"] for g in games])
+        runs.append((steps, rolling_mean(np.array([g["return"] for g in games], float),
+                                         window)))
+    grid = np.linspace(max(s[0] for s, _ in runs), min(s[-1] for s, _ in runs), GRID_POINTS)
+    return grid, np.stack([means[np.searchsorted(steps, grid, side="right") - 1]
+                           for steps, means in runs])
+
+
+def plot_group(ax: plt.Axes, spec: str, window: int) -> None:
+    name, run_dirs = group_runs(spec)
+    missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").exists()]
+    if not run_dirs or missing:
+        raise FileNotFoundError(f"--group {spec}: no metrics.jsonl in "
+                                f"{', '.join(missing) or 'any run dir'}")
+    run_dirs = [d for d in run_dirs if read_jsonl(d / "metrics.jsonl")]  # no game yet
+    if not run_dirs:
+        return
+    grid, curves = seed_curves(run_dirs, window)
+    mean = curves.mean(axis=0)
+    low, high = bootstrap_ci(curves)
+    line, = ax.plot(grid, mean, label=f"{name} ({len(run_dirs)} seeds, mean and 95% "
+                                      f"bootstrap CI; at the end {mean[-1]:.2f})")
+    ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("run_dirs", nargs="*", type=Path)
+    parser.add_argument("--group", action="append", default=[], metavar="NAME=DIRS|DIR",
+                        help="one line per config: mean over its seeds with a 95%% "
+                             "bootstrap band")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--window", type=int, default=100)
     args = parser.parse_args(argv)
+    if not args.run_dirs and not args.group:
+        parser.error("give run dirs or --group")
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    for spec in args.group:
+        try:
+            plot_group(ax, spec, args.window)
+        except FileNotFoundError as exc:
+            print(f"plot_metrics: error: {exc}", file=sys.stderr)
+            return 2
     for run_dir in args.run_dirs:
         path = run_dir / "metrics.jsonl"
         if not path.exists():
