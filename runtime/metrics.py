@@ -7,6 +7,7 @@ sees half of it.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -60,14 +61,24 @@ class MetricsLog:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All valid records; an unparsable line (a torn tail) is skipped."""
+    """All valid records; an unparsable line (a torn tail) is skipped. A `.gz` path is
+    read through gzip (run logs kept in the repository are compressed)."""
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    for line in data.decode("utf-8").splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:
             continue
     return records
+
+
+def metrics_path(run_dir: Path) -> Path:
+    """A run's metrics.jsonl, or its compressed copy metrics.jsonl.gz (docs/runs/); the
+    plain name when neither exists, for the caller's message."""
+    plain = run_dir / "metrics.jsonl"
+    packed = plain.with_name("metrics.jsonl.gz")
+    return packed if not plain.exists() and packed.exists() else plain
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
-from runtime.metrics import MetricsLog, read_jsonl, repair_jsonl
+from runtime.metrics import MetricsLog, metrics_path, read_jsonl, repair_jsonl
 
 
 def test_torn_last_line_is_cut_on_open(tmp_path: Path) -> None:
@@ -29,3 +30,12 @@ def test_valid_file_is_left_alone(tmp_path: Path) -> None:
     path.write_text('{"step": 1}\n{"step": 2}\n')
     assert repair_jsonl(path) == 0
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_compressed_run_logs_read_like_plain_ones(tmp_path: Path) -> None:
+    lines = [json.dumps({"step": i, "return": float(i)}) for i in range(3)]
+    (tmp_path / "metrics.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    assert metrics_path(tmp_path) == tmp_path / "metrics.jsonl.gz"
+    assert [r["step"] for r in read_jsonl(metrics_path(tmp_path))] == [0, 1, 2]
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n")
+    assert metrics_path(tmp_path) == tmp_path / "metrics.jsonl"  # a live run wins

@@ -18,17 +18,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from runtime.metrics import metrics_path, read_jsonl  # noqa: E402
+
 PRESETS = {"default": ROOT / "config.yaml", "seed": ROOT / "presets" / "seed.yaml"}
 
 
 def summarize(run_dir: Path) -> dict[str, float | int | str]:
     """Figures of a run directory: last-100-game mean return, wall time and steps/s."""
-    games = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            games.append(json.loads(line))
-        except ValueError:
-            continue  # a torn line from a kill
+    games = read_jsonl(metrics_path(run_dir))  # a torn line from a kill is skipped
     wall = json.loads((run_dir / "bench.json").read_text())["wall_s"] \
         if (run_dir / "bench.json").exists() else float("nan")
     steps = json.loads((run_dir / "status.json").read_text())["step"]

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from runtime.metrics import read_jsonl  # noqa: E402
+from runtime.metrics import metrics_path, read_jsonl  # noqa: E402
 from tools.seed_stats import bootstrap_ci, game_timeline  # noqa: E402
 
 GRID_POINTS = 200
@@ -43,7 +43,7 @@ def group_runs(spec: str) -> tuple[str, list[Path]]:
     if sep:
         return name, [Path(d) for d in dirs.split(",") if d]
     parent = Path(spec)
-    return parent.name, sorted(d for d in parent.glob("*") if (d / "metrics.jsonl").exists())
+    return parent.name, sorted(d for d in parent.glob("*") if metrics_path(d).exists())
 
 
 def seed_curves(run_dirs: list[Path], window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +52,7 @@ def seed_curves(run_dirs: list[Path], window: int) -> tuple[np.ndarray, np.ndarr
     where every run has a game to where the shortest run ends."""
     runs = []
     for run_dir in run_dirs:
-        games = game_timeline(read_jsonl(run_dir / "metrics.jsonl"))
+        games = game_timeline(read_jsonl(metrics_path(run_dir)))
         steps = np.array([g["step"] for g in games])
         runs.append((steps, rolling_mean(np.array([g["return"] for g in games], float),
                                          window)))
@@ -63,11 +63,11 @@ def seed_curves(run_dirs: list[Path], window: int) -> tuple[np.ndarray, np.ndarr
 
 def plot_group(ax: plt.Axes, spec: str, window: int) -> None:
     name, run_dirs = group_runs(spec)
-    missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").exists()]
+    missing = [str(d) for d in run_dirs if not metrics_path(d).exists()]
     if not run_dirs or missing:
         raise FileNotFoundError(f"--group {spec}: no metrics.jsonl in "
                                 f"{', '.join(missing) or 'any run dir'}")
-    run_dirs = [d for d in run_dirs if read_jsonl(d / "metrics.jsonl")]  # no game yet
+    run_dirs = [d for d in run_dirs if read_jsonl(metrics_path(d))]  # no game yet
     if not run_dirs:
         return
     grid, curves = seed_curves(run_dirs, window)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plot_metrics: error: {exc}", file=sys.stderr)
             return 2
     for run_dir in args.run_dirs:
-        path = run_dir / "metrics.jsonl"
+        path = metrics_path(run_dir)
         if not path.exists():
             print(f"plot_metrics: error: {path} does not exist", file=sys.stderr)
             return 2

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from runtime.cli import OneLineParser, UsageError, positive_int  # noqa: E402
 from runtime.daemon.config import ConfigError, load_config  # noqa: E402
 from runtime.files import write_atomic  # noqa: E402
-from runtime.metrics import read_jsonl  # noqa: E402
+from runtime.metrics import metrics_path, read_jsonl  # noqa: E402
 from tools.bench_learning import PRESETS, summarize  # noqa: E402
 from tools.daemon_pool import LocalPool, Result, connect_ray, run_on_ray  # noqa: E402
 from tools.seed_stats import bootstrap_ci, game_timeline, iqm, last_games_mean  # noqa: E402
@@ -264,9 +264,9 @@ def seed_figures(run: Run, window: int, at_step: int | None) -> dict[str, Any]:
     """One seed: mean return of its last `window` games (by `at_step`), steps/s, counts."""
     row: dict[str, Any] = {"seed": run.seed, "run_dir": str(run.run_dir), "steps": 0,
                            "games": 0, "return": math.nan, "steps_per_s": math.nan}
-    if not (run.run_dir / "metrics.jsonl").exists() or read_status(run.run_dir) is None:
+    if not metrics_path(run.run_dir).exists() or read_status(run.run_dir) is None:
         return row
-    games = game_timeline(read_jsonl(run.run_dir / "metrics.jsonl"))
+    games = game_timeline(read_jsonl(metrics_path(run.run_dir)))
     figures = summarize(run.run_dir)
     rate = float(figures["steps_per_s"])
     if not (math.isfinite(rate) and rate > 0) and games:  # no wall time recorded
