@@ -1,0 +1,44 @@
+"""A run kept in the repository reads back like the live run it came from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
+from runtime.metrics import metrics_path, read_jsonl
+from tests.conftest import load_tool
+
+
+def _run(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True)
+    games = [{"step": 10 * i, "return": float(i)} for i in range(5)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(g) + "\n" for g in games))
+    (run_dir / "status.json").write_text(json.dumps({"step": 50}))
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    store = CheckpointStore(run_dir / "checkpoints", keep=3)
+    store.save({"step": 40}, 40)
+    store.save({"step": 50}, 50)
+    (run_dir / "checkpoints" / "ckpt-000000000060.pt").write_bytes(b"torn")  # newest, bad
+
+
+def test_archive_keeps_the_figures_and_the_newest_good_checkpoint(tmp_path: Path) -> None:
+    archive_run = load_tool("archive_run")
+    _run(tmp_path / "run")
+    dest = tmp_path / "docs" / "runs" / "x" / "seed-0"
+    archive_run.archive(tmp_path / "run", dest, with_checkpoint=True)
+    assert metrics_path(dest).name == "metrics.jsonl.gz"
+    assert read_jsonl(metrics_path(dest)) == read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [p.name for p in (dest / "checkpoints").iterdir()] == ["ckpt-000000000050.pt"]
+    assert read_checkpoint(dest / "checkpoints" / "ckpt-000000000050.pt")["step"] == 50
+    first = (dest / "metrics.jsonl.gz").read_bytes()
+    archive_run.archive(tmp_path / "run", dest, with_checkpoint=False)
+    assert (dest / "metrics.jsonl.gz").read_bytes() == first  # no churn when re-archived
+
+
+def test_a_run_without_metrics_is_refused(tmp_path: Path) -> None:
+    archive_run = load_tool("archive_run")
+    with pytest.raises(FileNotFoundError):
+        archive_run.archive(tmp_path, tmp_path / "dest", with_checkpoint=False)
