@@ -60,3 +60,82 @@ def wait_for_status(run_dir: Path, min_step: int, timeout: float = 60) -> dict:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+# -- the device install: the project's wheel in a fresh venv without torch ---------------------
+
+LEARNER_ONLY = ("torch", "onnx", "onnxscript")
+
+
+def _dependency_closure(requirements: list[str]) -> list:
+    """The installed distributions (importlib.metadata) that `requirements` pull,
+    transitively, extras and non-matching markers left out."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    found, todo = {}, list(requirements)
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            dist = distribution(req.name)
+        except PackageNotFoundError:
+            continue  # pip install --no-index reports it below
+        key = dist.metadata["Name"].lower().replace("_", "-")
+        if key not in found:
+            found[key] = dist
+            todo.extend(dist.requires or [])
+    return list(found.values())
+
+
+def make_device_venv(base: Path) -> dict:
+    """Build the wheel (tools/device_check.build_wheel), make a venv without pip, give it
+    the wheel's dependencies from this environment (symlinks of exactly their files, so
+    torch is not among them) and `pip install --no-index` the wheel into it, as a device
+    installs it offline. `torch` and `onnx` in it raise on import, to be sure."""
+    dc = load_tool("device_check")
+    wheel = dc.build_wheel(base / "dist")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig."
+                                   "get_path('purelib'))"], check=True, text=True,
+                                  capture_output=True).stdout.strip())
+    deps = base / "deps"
+    deps.mkdir()
+    closure = _dependency_closure(dc.wheel_requirements(wheel))
+    for dist in closure:
+        for top in {f.parts[0] for f in dist.files or ()} - {"..", "__pycache__"}:
+            if not (deps / top).exists():
+                (deps / top).symlink_to(dist.locate_file(top))
+    (purelib / "deps.pth").write_text(f"{deps}\n")
+    done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
+                           "--no-index", "--disable-pip-version-check", "-q", str(wheel)],
+                          text=True, capture_output=True, env=_device_env())
+    assert done.returncode == 0, done.stderr
+    for name in LEARNER_ONLY:
+        (purelib / name).mkdir()
+        (purelib / name / "__init__.py").write_text(
+            f"raise ImportError('{name} is not available on this device')\n")
+    return {"python": python, "wheel": wheel, "purelib": purelib,
+            "dependencies": sorted(d.metadata["Name"].lower() for d in closure)}
+
+
+def _device_env() -> dict[str, str]:
+    """The environment of a device process: nothing of this repository on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return env
+
+
+@pytest.fixture(scope="session")
+def device_venv(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return make_device_venv(tmp_path_factory.mktemp("device-install"))
+
+
+def device_run(venv: dict, *args: str, cwd: Path, timeout: float = 120
+               ) -> subprocess.CompletedProcess[str]:
+    """`python args` with the device venv's interpreter, from `cwd` (outside the repo)."""
+    return subprocess.run([str(venv["python"]), *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=timeout, env=_device_env())

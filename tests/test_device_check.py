@@ -1,5 +1,5 @@
 """tools/device_check.py without the emulator: parity logic, the recorded frame set, the
-native side of the check on an exported model, and what is copied onto the device. The
+native side of the check on an exported model, and how the wheel gets onto the device. The
 emulated run itself takes minutes and runs only with RUN_DEVICE_CHECK=1."""
 
 from __future__ import annotations
@@ -193,59 +193,78 @@ def test_int8_sibling_lookup(tmp_path: Path) -> None:
     assert dc.int8_sibling(model) == tmp_path / "policy.int8.onnx"
 
 
-def test_only_the_inference_runtime_is_copied_in(tmp_path: Path) -> None:
+def test_only_data_is_copied_in(tmp_path: Path) -> None:
+    """The runtime comes from the installed wheel: no source file is copied onto the device."""
     device = dc.Device(tmp_path / "dev")
     model = tmp_path / "policy.onnx"
     model.write_bytes(b"onnx")
     placed = device.stage_app([model], FRAMES)
     app = device.rootfs / dc.APP.lstrip("/")
     files = sorted(str(p.relative_to(app)) for p in app.rglob("*") if p.is_file())
-    runtime = dc.runtime_files()
-    assert files == sorted(["device_probe.py", "frames.npz", "model/policy.onnx", *runtime])
+    assert files == ["device_probe.py", "frames.npz", "model/policy.onnx"]
     assert placed == {str(model): "model/policy.onnx"}
-    # The inference runtime and the modules it imports; nothing of the torch side.
-    assert {"runtime/__init__.py", "runtime/infer.py", "runtime/streams.py"} <= set(runtime)
-    assert not set(runtime) & {"runtime/daemon/config.py", "runtime/daemon/lifecycle.py",
-                               "runtime/daemon/checkpoints.py", "runtime/daemon/loop.py"}
-    assert all(f.startswith("runtime/") for f in runtime)
 
 
-def test_runtime_files_follow_imports(tmp_path: Path) -> None:
-    (tmp_path / "runtime").mkdir()
-    (tmp_path / "runtime" / "__init__.py").write_text("")
-    (tmp_path / "runtime" / "infer.py").write_text(
-        "import numpy\nfrom runtime.streams import x\n\ndef f():\n    import runtime.video\n")
-    (tmp_path / "runtime" / "streams.py").write_text("from runtime import helpers\n")
-    (tmp_path / "runtime" / "helpers.py").write_text("")
-    (tmp_path / "runtime" / "video.py").write_text("")
-    (tmp_path / "runtime" / "daemon.py").write_text("import torch\n")
-    assert dc.runtime_files(tmp_path) == ["runtime/__init__.py", "runtime/helpers.py",
-                                          "runtime/infer.py", "runtime/streams.py",
-                                          "runtime/video.py"]
+def test_the_device_gets_the_wheel_and_its_aarch64_dependencies(tmp_path: Path) -> None:
+    """ensure_wheels downloads (pip, host) the wheel's own requirements for aarch64 once,
+    puts the project wheel beside them, and the device installs that wheel offline."""
+    wheel = dc.build_wheel(tmp_path / "dist")
+    device = dc.Device(tmp_path / "dev")
+    calls: list[list[str]] = []
+
+    def fake_host(argv, log_name, **_kw):  # noqa: ANN001, ANN202 - stands in for pip download
+        calls.append(list(argv))
+        dest = Path(argv[argv.index("-d") + 1])
+        (dest / "numpy-2.0.0-cp311-cp311-manylinux_2_28_aarch64.whl").write_bytes(b"w")
+        return 0, "", "", 1
+
+    device.host = fake_host
+    names, digest = device.ensure_wheels(wheel)
+    (cmd,) = calls
+    assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--platform"] == \
+        list(dc.WHEEL_PLATFORMS)
+    assert cmd[cmd.index("--python-version") + 1] == "3.11"
+    requirements = (device.wheels / "requirements.txt").read_text().split()
+    assert {dc.requirement_name(r) for r in requirements} == \
+        {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py"}
+    assert wheel.name in names and digest == dc.wheel_digest(wheel)
+    assert device.ensure_wheels(wheel)[1] == digest and len(calls) == 1  # reused
+    rebuilt = dc.build_wheel(tmp_path / "dist2")
+    assert dc.wheel_digest(rebuilt) == digest  # same sources, same digest, whatever the time
+    argv = dc.device_install_argv(wheel.name)
+    assert argv[:4] == [f"{dc.VENV}/bin/python", "-m", "pip", "install"]
+    assert "--no-index" in argv and argv[argv.index("--find-links") + 1] == dc.WHEELS
+    assert argv[-1] == f"{dc.WHEELS}/{wheel.name}"
+
+
+def test_a_wheel_that_requires_torch_is_refused(tmp_path: Path) -> None:
+    import zipfile
+
+    wheel = tmp_path / "stream_agent_runtime-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("stream_agent_runtime-0.1.0.dist-info/METADATA",
+                         "Name: stream-agent-runtime\nRequires-Dist: numpy<3\n"
+                         "Requires-Dist: torch>=2.4\n"
+                         "Requires-Dist: pytest; extra == \"dev\"\n")
+    assert dc.wheel_requirements(wheel) == ["numpy<3", "torch>=2.4"]
+    with pytest.raises(dc.DeviceCheckError, match="torch"):
+        dc.Device(tmp_path / "dev").ensure_wheels(wheel)
 
 
 def test_probe_file_imports_nothing_heavy_at_module_level() -> None:
-    """The probe runs on the device with numpy and onnxruntime only."""
+    """The probe runs on the device with the installed wheel: numpy, onnxruntime and the
+    device side of runtime (never runtime.daemon)."""
     top = [line for line in TOOL.read_text().splitlines()
            if re.match(r"(import|from) \w", line)]
     dotted = {re.match(r"(?:import|from) ([\w.]+)", line).group(1) for line in top}
-    # runtime.* at module level only from the torch-free files copied onto the device
     runtime = {name for name in dotted if name.startswith("runtime")}
-    assert {name.replace(".", "/") + ".py" for name in runtime} <= set(dc.runtime_files())
+    assert runtime and not any(name.startswith("runtime.daemon") for name in runtime)
     modules = {name.split(".")[0] for name in dotted - runtime}
-    assert modules <= {"__future__", "argparse", "ast", "contextlib", "ctypes", "hashlib", "json",
-                       "os", "platform", "shutil", "struct", "subprocess", "sys", "time",
-                       "collections", "pathlib", "typing", "numpy"}, modules
-
-
-def test_requirements_device_is_torch_free() -> None:
-    names = []
-    for line in (ROOT / "requirements-device.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            names.append(re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower())
-            assert re.search(r">=[\d.]+,<\d+", line), f"not a pinned-compatible range: {line}"
-    assert sorted(names) == ["ale-py", "gymnasium", "numpy", "onnxruntime", "pyyaml"]
+    assert modules <= {"__future__", "argparse", "contextlib", "ctypes", "hashlib", "json",
+                       "os", "platform", "re", "shutil", "struct", "subprocess", "sys",
+                       "tempfile", "time", "zipfile", "collections", "pathlib", "typing",
+                       "numpy"}, modules
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter is x86-64's")

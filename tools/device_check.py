@@ -9,12 +9,15 @@
 The device is a Debian bookworm arm64 root file system made (or reused, if already built)
 under --device-dir with ``debootstrap --arch=arm64 --foreign`` and finished inside
 ``proot -q qemu-aarch64-static``: no binfmt, no privileged container, but root on the host
-(debootstrap) and the Debian packages debootstrap, proot and qemu-user-static. Inside it a
-venv gets bookworm's python3.11 and only the wheels of requirements-device.txt, downloaded on
-the host for aarch64 and installed offline: numpy, onnxruntime, pyyaml, gymnasium, ale-py,
-never torch or onnx. The model, the frame set and the inference runtime (runtime/__init__.py,
-runtime/infer.py and the runtime modules it imports, e.g. streams.py and video.py, never the
-torch side; this file as the probe) are copied in. Then, on the device:
+(debootstrap) and the Debian packages debootstrap, proot and qemu-user-static. The device
+gets the project exactly as README "Device install" says: the wheel built from this
+repository (``pip wheel --no-deps``), its dependencies downloaded on the host as aarch64
+wheels (``pip download --platform ...``: numpy, onnxruntime, pyyaml, gymnasium, ale-py,
+never torch or onnx) and ``pip install --no-index --find-links`` into a venv of bookworm's
+python3.11 inside the device. Only the model, the frame set and this file (the probe) are
+copied in, never source files. Then, on the device:
+
+Then, on the device:
 
 (a) ``python -m runtime.infer --model ... --episodes N`` plays N games; its JSON is kept
     (and compared with the same command run natively: same seed, same greedy policy);
@@ -42,25 +45,27 @@ which qemu 7.2 passes through and onnxruntime's cpuinfo library crashes on.
 the default Breakout stream (runtime.streams, default options) under seeded random actions,
 one every --stride agent steps so that the set spans whole games.
 
-Only the standard library and numpy are imported at module level: ``--probe`` (internal)
-runs this file on the device, beside the inference runtime, with nothing else installed.
+Only the standard library, numpy and runtime.cli are imported at module level: ``--probe``
+(internal) runs this file on the device, where the installed wheel provides ``runtime``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import ctypes
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,18 +73,17 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-# runtime.* from the repository; on the device this file runs beside its runtime/ copy.
+# runtime.* from the repository; on the device the installed wheel provides it.
 if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
 from runtime.cli import OneLineParser, UsageError, positive_int  # noqa: E402
 
 DEFAULT_FRAMES = ROOT / "tests" / "data" / "breakout_frames.npz"
 DEFAULT_DEVICE_DIR = Path("~/.cache/stream-agent/aarch64-bookworm")
-REQUIREMENTS = ROOT / "requirements-device.txt"
-# The inference runtime: runtime/infer.py and the runtime modules it imports (streams.py,
-# video.py...), found by runtime_files(); never the torch side of the package.
-INFER = "runtime/infer.py"
-TORCH_SIDE = "runtime/daemon/"  # the learner side of the package
+# What a wheel of the project is built from (a copy, so the tree gets no build/ litter).
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "agent", "runtime")
+PROJECT = "stream-agent-runtime"
+LEARNER_ONLY = ("torch", "onnx", "onnxscript")  # never on a device
 MIN_AGREEMENT = 0.999  # float model, aarch64 vs x86
 INT8_MIN_AGREEMENT = 0.97  # int8 vs float on the device: the exporter's own bar
 SUITE, DEB_ARCH, QEMU = "bookworm", "arm64", "qemu-aarch64-static"
@@ -170,33 +174,69 @@ def read_memory_kb(status_path: str = "/proc/self/status") -> dict[str, int | No
     return found
 
 
-def runtime_files(root: Path = ROOT, entry: str = INFER) -> list[str]:
-    """runtime/__init__.py, `entry` and every runtime module it imports, at module level or
-    inside functions, transitively (paths relative to `root`, sorted)."""
-    found, todo = {"runtime/__init__.py"}, [entry]
-    while todo:
-        rel = todo.pop()
-        if rel in found:
-            continue
-        found.add(rel)
-        for node in ast.walk(ast.parse((root / rel).read_text(), rel)):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                # from runtime.x import y -> runtime.x; from runtime import x -> runtime.x
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            for name in names:
-                parts = name.split(".")
-                if parts[0] == "runtime" and len(parts) > 1 and \
-                        (root / "runtime" / f"{parts[1]}.py").is_file():
-                    todo.append(f"runtime/{parts[1]}.py")
-    return sorted(found)
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# The wheel: what a device installs (README "Device install"). Standard library only.
+
+
+def build_wheel(dest: Path, root: Path = ROOT) -> Path:
+    """`pip wheel --no-deps` of the project into `dest`; returns the wheel's path. Built from
+    a temporary copy of the sources (no build/ or egg-info left in the tree) with the
+    installed setuptools (--no-build-isolation: no index needed)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="wheel-src-") as tmp:
+        for name in WHEEL_SOURCES:
+            source = root / name
+            if source.is_dir():
+                shutil.copytree(source, Path(tmp) / name,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(source, Path(tmp) / name)
+        before = set(dest.glob("*.whl"))
+        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                               "--no-build-isolation", "--disable-pip-version-check", "-q",
+                               "-w", str(dest), tmp], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip() or "no output").splitlines()[-1][:200]
+        raise DeviceCheckError(f"pip wheel failed (exit {done.returncode}): {tail}")
+    name = PROJECT.replace("-", "_")
+    built = sorted(set(dest.glob(f"{name}-*.whl")) - before) or sorted(dest.glob(f"{name}-*.whl"))
+    if not built:
+        raise DeviceCheckError(f"pip wheel wrote no {name}-*.whl into {dest}")
+    return built[-1]
+
+
+def _wheel_text(wheel: Path, member: str) -> str:
+    with zipfile.ZipFile(wheel) as archive:
+        names = [n for n in archive.namelist() if n.endswith(f".dist-info/{member}")]
+        if not names:
+            raise DeviceCheckError(f"{wheel.name} has no {member}")
+        return archive.read(names[0]).decode()
+
+
+def wheel_requirements(wheel: Path) -> list[str]:
+    """The wheel's own dependencies, extras left out: what `pip install WHEEL` pulls."""
+    found = []
+    for line in _wheel_text(wheel, "METADATA").splitlines():
+        if line.startswith("Requires-Dist:") and "extra ==" not in line:
+            found.append(line.split(":", 1)[1].strip())
+    return found
+
+
+def requirement_name(requirement: str) -> str:
+    """`onnxruntime<2,>=1.17` -> `onnxruntime` (normalised: lower case, `_` -> `-`)."""
+    match = re.match(r"[A-Za-z0-9_.-]+", requirement.strip())
+    return match.group(0).lower().replace("_", "-") if match else ""
+
+
+def wheel_digest(wheel: Path) -> str:
+    """SHA-256 of the wheel's RECORD (a hash of every file in it): equal for equal
+    contents, unlike the zip's bytes, which carry build times."""
+    return hashlib.sha256(_wheel_text(wheel, "RECORD").encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,39 +517,49 @@ class Device:
         _log(f"[build] root file system ready in {seconds:.0f} s ({out.strip()})")
         return {"reused": False, "seconds": round(seconds, 1), "stage1_seconds": round(stage1, 1)}
 
-    def ensure_wheels(self, requirements: Path) -> tuple[list[str], str]:
-        """pip download (host) of aarch64 cp311 wheels for requirements; reused when the
-        requirements did not change. Returns (wheel names, requirements digest)."""
-        text = requirements.read_text()
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        stamp = self.wheels / ".requirements.sha256"
-        if stamp.is_file() and stamp.read_text() == digest:
-            names = sorted(p.name for p in self.wheels.glob("*.whl"))
-            _log(f"reusing {len(names)} aarch64 wheels in {self.wheels}")
-            return names, digest
-        if self.wheels.exists():
-            shutil.rmtree(self.wheels)
-        self.wheels.mkdir(parents=True)
-        _log("[build] pip download: aarch64 wheels for requirements-device.txt ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:",
-               "--disable-pip-version-check", "--python-version", DEVICE_PYTHON_VERSION,
-               "-r", str(requirements), "-d", str(self.wheels)]
-        for plat in WHEEL_PLATFORMS:
-            cmd += ["--platform", plat]
-        self._must(self.host(cmd, "pip-download", timeout=1800), "pip download",
-                   "pip-download")
-        (self.wheels / "requirements-device.txt").write_text(text)
-        names = sorted(p.name for p in self.wheels.glob("*.whl"))
-        forbidden = [n for n in names if n.split("-")[0].lower() in ("torch", "onnx")]
+    def ensure_wheels(self, wheel: Path) -> tuple[list[str], str]:
+        """The project wheel and aarch64 cp311 wheels of its dependencies in one folder,
+        as README "Device install" fetches them (pip download on the host). Dependencies
+        are downloaded again only when the wheel's requirements change. Returns (wheel
+        names, digest of the project wheel)."""
+        required = wheel_requirements(wheel)
+        forbidden = [r for r in required if requirement_name(r) in LEARNER_ONLY]
         if forbidden:
-            raise DeviceCheckError(f"the device wheels must not include {forbidden}")
-        stamp.write_text(digest)
-        return names, digest
+            raise DeviceCheckError(f"the wheel {wheel.name} requires {forbidden}")
+        requirements = "\n".join(required) + "\n"
+        stamp = self.wheels / ".requirements.sha256"
+        req_digest = hashlib.sha256(requirements.encode()).hexdigest()
+        if stamp.is_file() and stamp.read_text() == req_digest:
+            _log(f"reusing the aarch64 dependency wheels in {self.wheels}")
+        else:
+            if self.wheels.exists():
+                shutil.rmtree(self.wheels)
+            self.wheels.mkdir(parents=True)
+            _log(f"[build] pip download: aarch64 wheels for the dependencies of {wheel.name} ...")
+            (self.wheels / "requirements.txt").write_text(requirements)
+            cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:",
+                   "--disable-pip-version-check", "--python-version", DEVICE_PYTHON_VERSION,
+                   "-r", str(self.wheels / "requirements.txt"), "-d", str(self.wheels)]
+            for plat in WHEEL_PLATFORMS:
+                cmd += ["--platform", plat]
+            self._must(self.host(cmd, "pip-download", timeout=1800), "pip download",
+                       "pip-download")
+            stamp.write_text(req_digest)
+        project = PROJECT.replace("-", "_")
+        for old in self.wheels.glob(f"{project}-*.whl"):
+            old.unlink()
+        shutil.copy2(wheel, self.wheels / wheel.name)
+        names = sorted(p.name for p in self.wheels.glob("*.whl"))
+        heavy = [n for n in names if requirement_name(n.split("-")[0]) in LEARNER_ONLY]
+        if heavy:
+            raise DeviceCheckError(f"the device wheels must not include {heavy}")
+        return names, wheel_digest(wheel)
 
-    def ensure_venv(self, digest: str) -> dict[str, Any]:
-        """python3 -m venv + pip install --no-index from the host's wheels, inside."""
+    def ensure_venv(self, wheel_name: str, digest: str) -> dict[str, Any]:
+        """python3 -m venv + pip install --no-index --find-links of the project wheel (and
+        so its dependencies) inside the device; reused while the wheel's contents match."""
         venv = self.rootfs / VENV.lstrip("/")
-        stamp = venv / ".requirements.sha256"
+        stamp = venv / ".wheel.sha256"
         if stamp.is_file() and stamp.read_text() == digest:
             _log(f"reusing the device venv {VENV}")
             return {"reused": True, "seconds": 0.0}
@@ -519,11 +569,8 @@ class Device:
         _log(f"[build] device venv {VENV} + offline pip install (minutes under emulation) ...")
         self._must(self.guest(["/usr/bin/python3", "-m", "venv", VENV], "venv"), "python3 -m venv",
                    "venv")
-        self._must(self.guest([f"{VENV}/bin/python", "-m", "pip", "install", "--no-index",
-                               "--find-links", WHEELS, "--no-compile",
-                               "--disable-pip-version-check", "-r",
-                               f"{WHEELS}/requirements-device.txt"],
-                              "pip-install", binds=[(self.wheels, WHEELS)]),
+        self._must(self.guest(device_install_argv(wheel_name), "pip-install",
+                              binds=[(self.wheels, WHEELS)]),
                    "pip install (device)", "pip-install")
         stamp.write_text(digest)
         seconds = time.monotonic() - start
@@ -531,19 +578,14 @@ class Device:
         return {"reused": False, "seconds": round(seconds, 1)}
 
     def stage_app(self, models: Sequence[Path], frames: Path) -> dict[str, str]:
-        """Copy the inference runtime (runtime_files()), this probe, the models and the frames
-        into APP (replacing what was there); returns host model path -> device path."""
+        """Copy this probe, the models and the frames into APP (replacing what was there):
+        data only, the runtime comes from the installed wheel. Returns host model path ->
+        device path."""
         app = self.rootfs / APP.lstrip("/")
         if app.exists():
             shutil.rmtree(app)
-        (app / "runtime").mkdir(parents=True)
-        (app / "model").mkdir()
+        (app / "model").mkdir(parents=True)
         (app / "out").mkdir()
-        files = runtime_files()
-        if any(rel.startswith(TORCH_SIDE) for rel in files):
-            raise DeviceCheckError(f"{INFER} imports the torch side: {files}")
-        for rel in files:
-            shutil.copy2(ROOT / rel, app / rel)
         shutil.copy2(Path(__file__), app / "device_probe.py")
         shutil.copy2(frames, app / "frames.npz")
         placed = {}
@@ -602,6 +644,12 @@ def int8_sibling(model: Path) -> Path | None:
     return sibling if sibling != model and sibling.is_file() else None
 
 
+def device_install_argv(wheel_name: str) -> list[str]:
+    """The offline install on the device, as README "Device install" gives it."""
+    return [f"{VENV}/bin/python", "-m", "pip", "install", "--no-index", "--find-links", WHEELS,
+            "--no-compile", "--disable-pip-version-check", f"{WHEELS}/{wheel_name}"]
+
+
 def _game_argv(model: str, games: int, max_steps: int | None) -> list[str]:
     argv = ["-m", "runtime.infer", "--model", model, "--episodes", str(games), "--seed", "0"]
     return argv + (["--max-steps", str(max_steps)] if max_steps else [])
@@ -638,12 +686,13 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
 
     build_start = time.monotonic()
     rootfs = device.ensure_rootfs(rebuild=args.rebuild)
-    wheels, digest = device.ensure_wheels(REQUIREMENTS)
-    venv = device.ensure_venv(digest)
+    wheel = build_wheel(device_dir / "dist")
+    wheels, digest = device.ensure_wheels(wheel)
+    venv = device.ensure_venv(wheel.name, digest)
     placed = device.stage_app(models, frames_path)
     build_seconds = time.monotonic() - build_start
     result["build"] = {"seconds": round(build_seconds, 1), "rootfs": rootfs, "venv": venv,
-                       "wheels": wheels}
+                       "wheel": wheel.name, "wheels": wheels}
 
     check_start = time.monotonic()
     dmodel = placed[str(model)]

@@ -1,0 +1,54 @@
+"""The device install: the project's wheel, installed without torch, plays from anywhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import CARTPOLE, LEARNER_ONLY, ROOT, _env, cli, device_run, load_tool
+
+dc = load_tool("device_check")
+DEVICE_DEPENDENCIES = {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py"}
+
+
+def test_the_wheel_pulls_no_learner(device_venv: dict) -> None:
+    required = {dc.requirement_name(r) for r in dc.wheel_requirements(device_venv["wheel"])}
+    assert required == DEVICE_DEPENDENCIES
+    assert not set(device_venv["dependencies"]) & set(LEARNER_ONLY)
+    assert not (ROOT / "requirements-device.txt").exists()  # the wheel replaces it
+
+
+def test_installed_wheel_plays_outside_the_repository(device_venv: dict,
+                                                      tmp_path: Path) -> None:
+    run_dir, model = tmp_path / "run", tmp_path / "cartpole.onnx"
+    done = cli("runtime.daemon", "--config", "config.yaml", "--run-dir", str(run_dir),
+               "--max-steps", "200", *CARTPOLE)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "export_onnx.py"), "--run-dir",
+                           str(run_dir), "--out", str(model)], cwd=ROOT, text=True,
+                          capture_output=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr
+    elsewhere = tmp_path / "device"
+    elsewhere.mkdir()
+    probe = device_run(device_venv, "-c", (
+        "import importlib, json, runtime\n"
+        "def fails(name):\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError:\n"
+        "        return True\n"
+        "    return False\n"
+        "print(json.dumps({'runtime': runtime.__file__, 'torch': fails('torch'),\n"
+        "                  'daemon': fails('runtime.daemon.lifecycle')}))\n"), cwd=elsewhere)
+    assert probe.returncode == 0, probe.stderr
+    found = json.loads(probe.stdout)
+    assert found["runtime"].startswith(str(device_venv["purelib"]))
+    assert found["torch"] and found["daemon"]  # the learner cannot run here
+    done = device_run(device_venv, "-m", "runtime.infer", "--model", str(model), "--episodes",
+                      "2", "--seed", "3", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["games"] == 2 and summary["env_id"] == "CartPole-v1"
+    assert summary["steps"] == sum(summary["returns"]) > 0
