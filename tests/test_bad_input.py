@@ -45,6 +45,9 @@ BAD_DAEMON_SETS = [
      "env.repeat_action_probability: must be in [0, 1)"),
     ("unknown log level", ["log.level=LOUD"], "log.level: must be DEBUG"),
     ("unknown fault policy", ["faults.on_nonfinite=ignore"], "faults.on_nonfinite: must be one"),
+    ("unknown export key", ["export.every=5"], "export.every: unknown key"),
+    ("export niceness 30", ["export.niceness=30"], "export.niceness: must be in 0..19"),
+    ("export keep zero", ["export.keep=0"], "export.keep: must be >= 1"),
 ]
 
 
@@ -55,6 +58,8 @@ def _daemon_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     listing.write_text("- a\n- b\n")
     a_file = tmp / "a-file"
     a_file.write_text("")
+    short_key = tmp / "short.key"
+    short_key.write_text("abc\n")
     daemon = ["-m", "runtime.daemon"]
     base = [*daemon, "--config", "config.yaml", "--run-dir", str(tmp / "run")]
     cases = [(name, [*base, *sum((["--set", s] for s in sets), [])], text)
@@ -69,6 +74,10 @@ def _daemon_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("max-steps not a number", [*base, "--max-steps", "lots"], "invalid int value"),
         ("unwritable run dir", [*daemon, "--config", "config.yaml", "--run-dir",
                                 str(a_file / "run")], "run.dir: cannot write to"),
+        ("missing key file", [*base, "--set", f"export.key_file={tmp / 'none.key'}"],
+         "export.key_file: cannot read key file"),
+        ("short key file", [*base, "--set", f"export.key_file={short_key}"],
+         "export.key_file: key file"),
     ]
 
 

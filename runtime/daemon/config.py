@@ -88,6 +88,27 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Verified ONNX policies published under RUN_DIR/policies/ while the daemon learns
+    (runtime.daemon.publish), for devices that follow them (python -m runtime.infer
+    --follow). Both intervals null = publishing off."""
+
+    every_steps: int | None = option(50_000, "Publish a policy every N agent steps; null = "
+                                     "only by time.", at_least(1, allow_none=True))
+    every_seconds: float | None = option(None, "Publish a policy every N seconds; null = "
+                                         "only by steps.", at_least(1, allow_none=True))
+    keep: int = option(5, "How many of the newest policies (files and manifest entries) "
+                       "to keep.", at_least(1))
+    key_file: str | None = option(None, "File holding the shared key that signs each "
+                                  "manifest entry (HMAC-SHA256); null = unsigned.")
+    timeout_seconds: float = option(600.0, "An export still running after this long is "
+                                    "stopped and counted as failed.", at_least(1))
+    niceness: int = option(10, "CPU niceness added to the publisher process (0-19): when "
+                           "the CPU is short the learner comes first and policies come later.",
+                           lambda v: None if 0 <= v <= 19 else "must be in 0..19")
+
+
+@dataclasses.dataclass(frozen=True)
 class FaultConfig:
     """What the daemon does when something goes wrong while it runs."""
 
@@ -115,6 +136,7 @@ class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     seed: int = option(0, "Seed of the network initialisation, the actions and the stream.",
                        at_least(0))
 

@@ -29,6 +29,7 @@ from runtime.cli import OneLineParser, UsageError
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore
 from runtime.daemon.config import Config, ConfigError, load_config, to_dict
 from runtime.daemon.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, StreamFault
+from runtime.daemon.publish import Publisher
 from runtime.daemon.tensorboard import TensorBoardLog
 from runtime.files import write_atomic
 from runtime.metrics import MetricsLog, write_status
@@ -129,6 +130,8 @@ class Daemon:
             raise UsageError(f"agent.network: {exc}") from None
         configure_torch(self.config, self.learner.network_name)
         self._restore()
+        self.publisher = Publisher(self.config, self.run_dir, self.learner, self._spec(),
+                                   self.counters, fresh=self.fresh)
         self.tensorboard = None
         if self.config.log.tensorboard:
             try:
@@ -231,12 +234,14 @@ class Daemon:
                         or now >= next_ckpt_time:
                     self.checkpoint()
                     next_ckpt_time = now + every_seconds if every_seconds else float("inf")
+                self.publisher.tick(self.counters.steps, now, progress.recent_returns)
                 if now >= next_status:
                     progress.tick(now, "running")
                     next_status = now + min(cfg.log.status_every_seconds, 1.0)
             return self._shut_down(progress)
         finally:
             self.notifier.stopping()
+            self.publisher.close()
             if loop.recorder is not None:
                 loop.recorder.finish()
             metrics.close()
@@ -267,6 +272,7 @@ class Daemon:
         log.info("stopping (%s) at step %d", why, self.counters.steps)
         progress.tick(time.monotonic(), "stopping", force=True)
         saved = self.last_checkpoint_step == self.counters.steps or self.checkpoint()
+        self.publisher.close()  # an export in flight may finish, and status.json says so
         progress.tick(time.monotonic(), "stopped" if saved else "failed", force=True)
         if not saved:
             log.error("the final checkpoint could not be written; the newest on disk is "
@@ -396,7 +402,8 @@ class Progress:
             "step": c.steps, "episodes": c.episodes, "games": c.games,
             "last_checkpoint_step": self.daemon.last_checkpoint_step,
             "steps_per_s": round(self.steps_per_s, 1), "pid": os.getpid(), "state": state,
-            "faults": asdict(c.faults), **memory_mb(),
+            "faults": asdict(c.faults), "publishing": self.daemon.publisher.status(),
+            **memory_mb(),
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
         })

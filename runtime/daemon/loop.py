@@ -60,6 +60,7 @@ class FaultCounts:
     rollbacks: int = 0             # learner restored from the last good checkpoint
     stream_failures: int = 0       # the stream raised and was recreated
     checkpoint_failures: int = 0   # a checkpoint could not be written
+    export_failures: int = 0       # a policy could not be exported, verified or published
 
 
 @dataclass

@@ -1,0 +1,320 @@
+"""The actor as one verified ONNX file: the one export used by tools/export_onnx.py and by
+the daemon's policy publisher (runtime.daemon.publish).
+
+The graph is the policy half of the network only: input ``observation`` exactly as the
+stream gives it (uint8 N x C x H x W frames or float32 N x D vectors, dynamic N), outputs
+``logits`` (float32 N x A) and ``action`` (int64 N, the greedy argmax). uint8 scaling and the
+frozen observation-normalisation statistics are inside the graph; the metadata carries
+everything ``runtime.infer`` needs to rebuild the same stream. A written model is checked
+(onnx.checker) and compared with the torch actor on real stream observations: max |logit
+difference| <= LOGIT_TOLERANCE and identical greedy actions, or it is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from agent.learner import A2CLearner
+from agent.networks import build_network
+from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
+from runtime.daemon.config import Config, ConfigError, from_dict
+from runtime.infer import (
+    FORMAT_VERSION,
+    ModelError,
+    Policy,
+    make_stream_from_metadata,
+    parse_metadata,
+)
+from runtime.streams import StreamError, open_stream
+
+DEFAULT_OPSET = 17
+# LayerNormalization (the stream and mlp networks) is an ONNX op from opset 17; asked for
+# less, the dynamo exporter silently writes opset 18 instead.
+MIN_OPSET = 17
+LOGIT_TOLERANCE = 1e-4
+PARITY_FRAMES = 64
+
+
+class ExportError(Exception):
+    """Bad input (a missing or unusable checkpoint, an unwritable path): one line."""
+
+
+class VerificationError(Exception):
+    """The written model does not behave like the torch actor."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+class _Actor(torch.nn.Module):
+    """obs -> (logits, greedy action as int64): the deployed interface."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.policy(observation)
+        return logits, torch.argmax(logits, dim=-1)
+
+
+# -- the actor ---------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(run_dir: str | None, checkpoint: str | None) -> tuple[dict, Path]:
+    """Load the given checkpoint, or the newest good one of a run; raises ExportError."""
+    try:
+        if checkpoint is not None:
+            path = Path(checkpoint)
+            if not path.is_file():
+                raise ExportError(f"checkpoint {path} not found")
+            return read_checkpoint(path), path
+        directory = Path(run_dir)
+        if not directory.is_dir():
+            raise ExportError(f"run directory {directory} not found")
+        found = CheckpointStore(directory / "checkpoints", keep=1).load_latest()
+        if found is None:
+            raise ExportError(f"no checkpoint in {directory / 'checkpoints'}")
+        return found
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def load_actor(payload: dict[str, Any], name: str = "checkpoint"
+               ) -> tuple[torch.nn.Module, Config]:
+    """The torch actor (obs -> logits, eval mode) of a checkpoint and the run's Config;
+    raises ExportError."""
+    try:
+        config = from_dict(payload["config"])
+        spec = payload["spec"]
+        learner = A2CLearner(config.agent, tuple(spec["observation_shape"]),
+                             int(spec["num_actions"]))
+        # Only the weights (and the normaliser statistics among them) make the actor; the
+        # optimiser state is not needed, so its format may change without breaking export.
+        learner.net.load_state_dict(payload["learner"]["network"])
+    except ConfigError as exc:
+        raise ExportError(f"{name}: stored config is invalid: {exc}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ExportError(f"{name}: does not hold a usable actor ({type(exc).__name__}: "
+                          f"{_first_line(exc)})") from None
+    return learner.net.policy().eval(), config
+
+
+def policy_weights(policy: torch.nn.Module) -> dict[str, np.ndarray]:
+    """A copy of the actor's weights and normaliser statistics as numpy arrays: what the
+    learner hands to the publisher (it pickles cheaply and shares nothing with training)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in policy.state_dict().items()}
+
+
+class ActorBuilder:
+    """Rebuilds the actor of a run from `policy_weights` snapshots (in the publisher's
+    process: one network, reloaded for every snapshot)."""
+
+    def __init__(self, config: Config, observation_shape: tuple[int, ...],
+                 num_actions: int) -> None:
+        agent = config.agent
+        net = build_network(agent.network, tuple(observation_shape), num_actions,
+                            hidden_size=agent.hidden_size, sparsity=agent.sparsity,
+                            normalize=agent.normalize_observations)
+        self.policy = net.policy().eval()
+
+    def load(self, weights: Mapping[str, np.ndarray]) -> torch.nn.Module:
+        self.policy.load_state_dict({k: torch.from_numpy(np.asarray(v))
+                                     for k, v in weights.items()})
+        return self.policy
+
+
+# -- the stream the model plays ---------------------------------------------------------------
+
+
+def stream_spec(config: Config, seed: int = 0) -> Any:
+    """The StreamSpec of the run's stream, built exactly as the daemon builds it."""
+    stream = open_stream(config.env, seed)
+    try:
+        return stream.spec
+    finally:
+        stream.close()
+
+
+def build_metadata(config: Config, spec: Any, training_step: int, network: str,
+                   producer: str) -> dict[str, str]:
+    """The ONNX metadata_props (string -> string) that runtime.infer reads back."""
+    env = config.env
+    return {
+        "format_version": FORMAT_VERSION,
+        "env_id": env.id,
+        "observation_shape": json.dumps(list(spec.observation_shape)),
+        "observation_dtype": spec.observation_dtype,
+        "frame_stack": str(spec.frame_stack),
+        "frame_skip": str(spec.frame_skip),
+        "num_actions": str(spec.num_actions),
+        "action_meanings": json.dumps(list(spec.action_meanings)),
+        "training_step": str(int(training_step)),
+        "screen_size": str(env.screen_size),
+        "noop_max": str(env.noop_max),
+        "terminal_on_life_loss": json.dumps(env.terminal_on_life_loss),
+        "repeat_action_probability": json.dumps(env.repeat_action_probability),
+        "env_kwargs": json.dumps(env.kwargs, sort_keys=True),
+        "network": network,
+        "producer": producer,
+    }
+
+
+def check_actor_fits(metadata: Mapping[str, Any], observation_shape: Any, num_actions: Any,
+                     name: str) -> None:
+    """The stream rebuilt from the metadata must give what the actor was made for."""
+    if list(metadata["observation_shape"]) != list(observation_shape or []) or \
+            metadata["num_actions"] != num_actions:
+        raise ExportError(f"{name}: the stream gives shape {metadata['observation_shape']}"
+                          f" and {metadata['num_actions']} actions, the actor was made "
+                          f"for {observation_shape} and {num_actions}")
+
+
+def stream_frames(metadata: Mapping[str, Any], count: int, seed: int) -> np.ndarray:
+    """`count` real observations from the stream the model was trained on, random actions,
+    built exactly as runtime.infer builds it (so the metadata is proven sufficient)."""
+    stream = make_stream_from_metadata(metadata, seed=seed)
+    try:
+        rng = np.random.default_rng(seed)
+        frames = [stream.reset()]
+        while len(frames) < count:
+            action = int(rng.integers(stream.spec.num_actions))
+            obs, _, terminated, truncated, _ = stream.step(action)
+            frames.append(stream.reset() if terminated or truncated else obs)
+        return np.stack(frames[:count])
+    finally:
+        stream.close()
+
+
+def training_frames(raw_metadata: Mapping[str, str], count: int, seed: int,
+                    name: str) -> tuple[dict[str, Any], np.ndarray]:
+    """(parsed metadata, `count` stream frames); ExportError if the stream cannot be made."""
+    try:
+        metadata = parse_metadata(raw_metadata, name)
+        return metadata, stream_frames(metadata, count, seed)
+    except (StreamError, ModelError) as exc:
+        raise ExportError(f"cannot recreate the training stream: {exc}") from None
+
+
+# -- export and verification ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str):  # noqa: ANN201
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def write_onnx(actor: torch.nn.Module, example: np.ndarray, out: Path, opset: int,
+               metadata: Mapping[str, str]) -> None:
+    """Write `out` (one file, weights inside) and add the metadata; raises ExportError."""
+    # The dynamo exporter (torch 2.13's default): the legacy TorchScript exporter cannot
+    # export LayerNormNoParams (F.layer_norm(x, x.shape[1:]) with a dynamic batch axis makes
+    # the normalised shape a traced value, which it refuses). external_data=False keeps the
+    # weights inside the one file (the default writes a separate .onnx.data).
+    example_t = torch.from_numpy(np.ascontiguousarray(example))
+    batch = torch.export.Dim("batch", min=1)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        # The exporter chats on stdout and through torch's loggers (opset conversion notes,
+        # torchvision not installed); the outcome is checked below, so keep the console clean.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                quiet_loggers("torch.onnx", "torch._export", "torch.export", "onnxscript"):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Actor(actor), (example_t,), tmp, dynamo=True,
+                              external_data=False, opset_version=opset,
+                              input_names=["observation"], output_names=["logits", "action"],
+                              dynamic_shapes={"observation": {0: batch}}, verbose=False)
+        model = onnx.load(str(tmp))
+        written = {o.domain: o.version for o in model.opset_import}.get("", None)
+        if written != opset:
+            raise ExportError(f"--opset {opset}: the exporter wrote opset {written} instead "
+                              f"(supported here: {MIN_OPSET}..{onnx.defs.onnx_opset_version()})")
+        del model.metadata_props[:]
+        for key, value in metadata.items():
+            model.metadata_props.add(key=key, value=value)
+        model.producer_name = "stream-agent-runtime"
+        onnx.save(model, str(tmp))
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise ExportError(f"cannot write {out} ({exc.strerror or exc})") from None
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - exporter failures are many and varied
+        raise ExportError(f"export at opset {opset} failed: {_first_line(exc)}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def torch_logits(actor: torch.nn.Module, frames: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return actor(torch.from_numpy(np.ascontiguousarray(frames))).numpy()
+
+
+def policy_logits(policy: Policy, frames: np.ndarray) -> np.ndarray:
+    """Logits one observation at a time (as deployed) and as one batch (dynamic axis)."""
+    single = np.concatenate([policy.logits(f[None]) for f in frames])
+    batched = policy.logits(frames)
+    # Batched and single evaluations may differ by float rounding only.
+    if not np.allclose(single, batched, atol=LOGIT_TOLERANCE, rtol=0):
+        raise VerificationError("batched and single-observation logits differ beyond "
+                                f"{LOGIT_TOLERANCE}")
+    return single
+
+
+def verify(path: Path, actor: torch.nn.Module, frames: np.ndarray) -> dict[str, Any]:
+    """onnx.checker + parity with the torch actor; raises VerificationError."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - ValidationError and friends
+        raise VerificationError(f"onnx.checker rejects {path}: {_first_line(exc)}") from None
+    try:
+        policy = Policy.load(path)
+    except ModelError as exc:
+        raise VerificationError(str(exc)) from None
+    ours = policy_logits(policy, frames)
+    ref = torch_logits(actor, frames)
+    diff = float(np.max(np.abs(ours - ref)))
+    actions = np.array([policy.act(f) for f in frames])
+    agreement = float(np.mean(actions == ref.argmax(axis=-1)))
+    if not diff <= LOGIT_TOLERANCE:
+        raise VerificationError(f"parity: max |logit difference| {diff:.3g} > "
+                                f"{LOGIT_TOLERANCE} on {len(frames)} stream observations")
+    if agreement < 1.0:
+        raise VerificationError(f"parity: greedy actions agree on only {agreement:.1%} of "
+                                f"{len(frames)} stream observations")
+    return {"max_abs_logit_diff": diff, "action_agreement": agreement,
+            "parity_frames": len(frames)}
+
+
+def export_verified(actor: torch.nn.Module, metadata: Mapping[str, str], frames: np.ndarray,
+                    out: Path, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+    """Write `out` and verify it against `actor` on `frames`; returns the parity figures.
+    A model that fails its checks is deleted (VerificationError); bad input: ExportError."""
+    write_onnx(actor, frames[:2], out, opset, metadata)
+    try:
+        return verify(out, actor, frames)
+    except VerificationError:
+        out.unlink(missing_ok=True)  # never leave a model that failed its checks behind
+        raise

@@ -1,0 +1,334 @@
+"""Policies published while the daemon learns: RUN_DIR/policies/ for devices to follow.
+
+At each `export.every_steps` / `export.every_seconds` the daemon hands a copy of the
+actor's weights (normaliser statistics included) to a publisher process and goes on
+learning. That process, started once (spawn) at a lower CPU priority (`export.niceness`),
+rebuilds the actor,
+exports and verifies it with runtime.daemon.export (the exporter's own code: onnx.checker
+and parity with the torch actor on real stream frames), and only then publishes it:
+
+    policies/policy-<step>.onnx   fsynced, then renamed into place
+    policies/manifest.json        every kept entry, oldest first (runtime.manifest)
+    policies/latest.json          the newest entry alone, what devices poll
+
+both JSON files replaced atomically, the newest `export.keep` kept. One export at a time:
+a due publish waits while one runs. A failed export (or a crashed or hung publisher
+process) is logged, counted in status.json (faults.export_failures) and retried at the
+next interval; nothing here can stop learning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agent.learner import A2CLearner
+from runtime.cli import UsageError
+from runtime.daemon.config import Config, from_dict, to_dict
+from runtime.daemon.export import (
+    PARITY_FRAMES,
+    ActorBuilder,
+    ExportError,
+    VerificationError,
+    build_metadata,
+    check_actor_fits,
+    export_verified,
+    policy_weights,
+    stream_spec,
+    training_frames,
+)
+from runtime.daemon.loop import Counters
+from runtime.daemon.triggers import Every
+from runtime.files import write_atomic
+from runtime.manifest import (
+    FORMAT,
+    LATEST,
+    MANIFEST,
+    KeyFileError,
+    ManifestError,
+    load_key,
+    parse_index,
+    policy_file,
+    sha256_file,
+    sign,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2  # how often the loop looks for a finished export
+CLOSE_GRACE_SECONDS = 30.0  # at shutdown, an export in flight may finish this long
+RECENT_GAMES = 100
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+class Publisher:
+    """The daemon's side: decides when, snapshots the actor, hands it over, reads results."""
+
+    def __init__(self, config: Config, run_dir: Path, learner: A2CLearner,
+                 spec: dict[str, Any], counters: Counters, fresh: bool = False) -> None:
+        export = config.export
+        self.config = config
+        self.learner = learner
+        self.spec = spec
+        self.counters = counters
+        self.directory = run_dir / "policies"
+        self.trigger = Every(export.every_steps, export.every_seconds, counters.steps,
+                             time.monotonic())
+        try:
+            self.key = load_key(export.key_file) if export.key_file else None
+        except KeyFileError as exc:
+            raise UsageError(f"export.key_file: {exc}") from None
+        if fresh and self.directory.is_dir() and any(self.directory.iterdir()):
+            aside = self.directory.with_name(f"policies.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.directory.rename(aside)
+            log.info("--fresh: previous policies moved to %s", aside)
+        self._context = multiprocessing.get_context("spawn")
+        self._worker: Any = None
+        self._jobs: Any = None
+        self._results: Any = None
+        self._in_flight: tuple[int, float] | None = None  # (step, monotonic start)
+        self._next_poll = 0.0
+        self.published = 0
+        self.last_step: int | None = None
+        self.last_error: str | None = None
+
+    # -- the one call per step --------------------------------------------------------------
+
+    def tick(self, step: int, now: float, recent_returns: Sequence[float]) -> None:
+        """Called by the loop after every step: collects a finished export, or starts one
+        when due and none is running. A few comparisons unless something happens."""
+        if self._in_flight is not None:
+            if now >= self._next_poll:
+                self._next_poll = now + POLL_SECONDS
+                self._collect(now)
+        elif self.trigger.enabled and self.trigger.due(step, now):
+            self.trigger.reset(step, now)
+            self._submit(step, recent_returns, now)
+
+    def _submit(self, step: int, recent_returns: Sequence[float], now: float) -> None:
+        job = {"step": step, "weights": policy_weights(self.learner.net.policy()),
+               "recent_returns": [float(r) for r in recent_returns[-RECENT_GAMES:]],
+               "created_at": time.time()}
+        try:
+            if self._worker is None or not self._worker.is_alive():
+                self._start_worker()
+            self._jobs.put(job)
+        except OSError as exc:
+            self._failed(step, f"cannot start the publisher process ({_one_line(exc)})")
+            return
+        self._in_flight = (step, now)
+        self._next_poll = now + POLL_SECONDS
+
+    def _start_worker(self) -> None:
+        self._stop_worker()
+        export = self.config.export
+        setup = {"config": to_dict(self.config), "spec": self.spec,
+                 "directory": str(self.directory), "key": self.key, "keep": export.keep,
+                 "niceness": export.niceness, "parent": os.getpid()}
+        self._jobs, self._results = self._context.Queue(), self._context.Queue()
+        self._worker = self._context.Process(target=serve, args=(setup, self._jobs,
+                                                                 self._results),
+                                             name="policy-publisher", daemon=True)
+        self._worker.start()
+
+    def _collect(self, now: float) -> None:
+        step, started = self._in_flight
+        try:
+            result = self._results.get_nowait()
+        except queue.Empty:
+            if not self._worker.is_alive():
+                code = self._worker.exitcode
+                self._stop_worker()
+                self._failed(step, f"the publisher process died (exit code {code})")
+            elif now - started > self.config.export.timeout_seconds:
+                self._stop_worker()
+                self._failed(step, f"export still running after "
+                                   f"{self.config.export.timeout_seconds:.0f} s: stopped")
+            return
+        self._in_flight = None
+        if "error" in result:
+            self._failed(step, result["error"])
+            return
+        entry = result["entry"]
+        self.published += 1
+        self.last_step = entry["step"]
+        self.last_error = None
+        log.info("published %s (sha256 %s..., %d bytes, mean return %s of %d recent games, "
+                 "max logit diff %.2g) in %.1f s", entry["file"], entry["sha256"][:12],
+                 entry["size"], entry["mean_return"], entry["recent_games"],
+                 entry["parity"]["max_abs_logit_diff"], now - started)
+
+    def _failed(self, step: int, why: str) -> None:
+        self._in_flight = None
+        self.counters.faults.export_failures += 1
+        self.last_error = f"step {step}: {why}"
+        log.error("policy at step %d not published: %s; retrying at the next interval",
+                  step, why)
+
+    # -- status and shutdown -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The `publishing` block of status.json."""
+        return {"enabled": self.trigger.enabled, "published": self.published,
+                "last_step": self.last_step,
+                "in_flight_step": self._in_flight[0] if self._in_flight else None,
+                "last_error": self.last_error}
+
+    def close(self) -> None:
+        """Let an export in flight finish (up to CLOSE_GRACE_SECONDS), then stop the
+        process."""
+        if self._in_flight is not None and self._worker is not None:
+            log.info("waiting up to %.0f s for the export of step %d", CLOSE_GRACE_SECONDS,
+                     self._in_flight[0])
+            deadline = time.monotonic() + CLOSE_GRACE_SECONDS
+            while self._in_flight is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                self._collect(time.monotonic())
+            if self._in_flight is not None:
+                self._failed(self._in_flight[0], "the daemon stopped first")
+        self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self._jobs.put(None)
+        worker.join(timeout=5)
+        if worker.is_alive():
+            worker.terminate()
+            worker.join(timeout=5)
+        for q in (self._jobs, self._results):
+            q.cancel_join_thread()  # never hang the daemon's exit on a dead reader
+            q.close()
+
+
+# -- the publisher process ---------------------------------------------------------------------
+
+
+def serve(setup: dict[str, Any], jobs: Any, results: Any) -> None:
+    """The publisher process: one job (a weight snapshot) at a time until None arrives or
+    the daemon is gone. Every failure is reported back as one line, never raised."""
+    with contextlib.suppress(OSError):
+        os.nice(setup["niceness"])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the daemon's to handle
+    torch.set_num_threads(1)
+    writer: PolicyWriter | None = None
+    with contextlib.suppress(Exception):  # ready before the first job; else retried below
+        writer = PolicyWriter.from_setup(setup)
+    while True:
+        try:
+            job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != setup["parent"]:
+                return  # the daemon died without saying goodbye
+            continue
+        if job is None:
+            return
+        try:
+            writer = writer or PolicyWriter.from_setup(setup)
+            results.put({"entry": writer.publish(job)})
+        except (ExportError, VerificationError) as exc:
+            results.put({"error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - reported, and the daemon goes on
+            results.put({"error": _one_line(exc)})
+
+
+class PolicyWriter:
+    """Exports, verifies and publishes weight snapshots into the policies directory."""
+
+    def __init__(self, config: Config, spec: dict[str, Any], directory: Path,
+                 key: bytes | None, keep: int) -> None:
+        self.config = config
+        self.spec = spec
+        self.directory = directory
+        self.key = key
+        self.keep = keep
+        shape, actions = tuple(spec["observation_shape"]), int(spec["num_actions"])
+        self.builder = ActorBuilder(config, shape, actions)
+        self.stream_spec = stream_spec(config, config.seed)
+        metadata, self.frames = training_frames(self._metadata(0), PARITY_FRAMES,
+                                                config.seed, "publisher")
+        check_actor_fits(metadata, list(shape), actions, "publisher")
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".staged-*"):
+            stale.unlink(missing_ok=True)  # an export cut short by a kill
+        self.entries = read_manifest(directory)
+
+    @classmethod
+    def from_setup(cls, setup: dict[str, Any]) -> PolicyWriter:
+        return cls(from_dict(setup["config"]), setup["spec"], Path(setup["directory"]),
+                   setup["key"], setup["keep"])
+
+    def _metadata(self, step: int) -> dict[str, str]:
+        return build_metadata(self.config, self.stream_spec, step, self.spec["network"],
+                              producer="runtime.daemon")
+
+    def publish(self, job: dict[str, Any]) -> dict[str, Any]:
+        step = int(job["step"])
+        actor = self.builder.load(job["weights"])
+        name = policy_file(step)
+        staged = self.directory / f".staged-{name}"
+        try:
+            parity = export_verified(actor, self._metadata(step), self.frames, staged)
+            with open(staged, "rb") as f:
+                os.fsync(f.fileno())
+            final = self.directory / name
+            os.replace(staged, final)
+        finally:
+            staged.unlink(missing_ok=True)
+        returns = job["recent_returns"]
+        entry = {"format": FORMAT, "step": step, "file": name, "sha256": sha256_file(final),
+                 "size": final.stat().st_size, "env_id": self.config.env.id,
+                 "observation_shape": list(self.spec["observation_shape"]),
+                 "observation_dtype": self.spec["observation_dtype"],
+                 "num_actions": int(self.spec["num_actions"]),
+                 "network": self.spec["network"],
+                 "mean_return": round(sum(returns) / len(returns), 4) if returns else None,
+                 "recent_games": len(returns), "parity": parity,
+                 "created_at": round(float(job["created_at"]), 3)}
+        if self.key is not None:
+            entry = sign(entry, self.key)
+        kept = sorted([e for e in self.entries if e.get("step") != step] + [entry],
+                      key=lambda e: e["step"])[-self.keep:]
+        write_atomic(self.directory / MANIFEST, _json({"format": FORMAT, "policies": kept}))
+        write_atomic(self.directory / LATEST, _json(kept[-1]))
+        self.entries = kept
+        names = {e["file"] for e in kept}
+        for old in self.directory.glob("policy-*.onnx"):
+            if old.name not in names:
+                old.unlink(missing_ok=True)  # after the manifest stopped naming it
+        return entry
+
+
+def read_manifest(directory: Path) -> list[dict[str, Any]]:
+    """The kept entries of an earlier run of this directory ([] when none or unreadable)."""
+    path = directory / MANIFEST
+    try:
+        data = parse_index(path.read_bytes(), MANIFEST)
+    except (OSError, ManifestError):
+        return []
+    entries = data.get("policies") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return []
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("step"), int)
+            and isinstance(e.get("file"), str) and (directory / e["file"]).is_file()]
+
+
+def _json(data: Any) -> bytes:
+    return (json.dumps(data, indent=1) + "\n").encode()

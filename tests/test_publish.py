@@ -1,0 +1,151 @@
+"""Policies published while the daemon learns (runtime.daemon.publish)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import runtime.daemon.export as export_module
+from agent.learner import A2CLearner
+from runtime.daemon.config import load_config
+from runtime.daemon.export import VerificationError, stream_spec
+from runtime.daemon.loop import Counters
+from runtime.daemon.publish import PolicyWriter, Publisher
+from runtime.daemon.triggers import Every
+from runtime.infer import Policy
+from runtime.manifest import ManifestError, parse_entry, sha256_file
+from tests.conftest import CARTPOLE, ROOT, cli
+
+
+def _cartpole(run_dir: Path, *overrides: str) -> tuple:
+    config = load_config(ROOT / "config.yaml", ["env.id=CartPole-v1", f"run.dir={run_dir}",
+                                                "export.niceness=0", *overrides])
+    spec = stream_spec(config)
+    learner = A2CLearner(config.agent, spec.observation_shape, spec.num_actions)
+    as_dict = {"network": learner.network_name, "num_actions": spec.num_actions,
+               "observation_shape": list(spec.observation_shape),
+               "observation_dtype": spec.observation_dtype}
+    return config, learner, as_dict
+
+
+def _job(learner: A2CLearner, step: int) -> dict:
+    from runtime.daemon.export import policy_weights
+
+    return {"step": step, "weights": policy_weights(learner.net.policy()),
+            "recent_returns": [10.0, 20.0], "created_at": time.time()}
+
+
+def test_every_is_due_at_multiples_or_by_time_and_stays_due() -> None:
+    trigger = Every(1000, None, step=2500, now=0.0)
+    assert trigger.enabled
+    assert not trigger.due(2999, 1e9) and trigger.due(3000, 0.0) and trigger.due(3700, 0.0)
+    trigger.reset(3700, 5.0)
+    assert not trigger.due(3999, 0.0) and trigger.due(4000, 0.0)
+    timed = Every(None, 30.0, step=0, now=100.0)
+    assert not timed.due(10**9, 129.9) and timed.due(0, 130.0)
+    assert not Every(None, None, 0, 0.0).enabled and not Every(None, None, 0, 0.0).due(10**9, 1e9)
+
+
+def test_the_daemon_publishes_signed_verified_policies(run_dir: Path, tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text(secrets.token_hex(32) + "\n")
+    done = cli("runtime.daemon", "--config", "config.yaml", "--run-dir", str(run_dir),
+               "--max-steps", "3000", *CARTPOLE, "--set", "export.every_steps=1000",
+               "--set", f"export.key_file={key}", "--set", "export.niceness=0", timeout=180)
+    assert done.returncode == 0, done.stderr
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["faults"]["export_failures"] == 0
+    assert status["publishing"]["published"] >= 1 and status["publishing"]["last_error"] is None
+    policies = run_dir / "policies"
+    manifest = json.loads((policies / "manifest.json").read_text())["policies"]
+    latest = json.loads((policies / "latest.json").read_text())
+    assert latest == manifest[-1] and latest["step"] == status["publishing"]["last_step"]
+    assert sorted(p.name for p in policies.glob("policy-*.onnx")) == [e["file"] for e in manifest]
+    secret = key.read_bytes().strip()
+    for entry in manifest:
+        checked = parse_entry(entry, secret, max_size=10**8)
+        assert entry["step"] % 1000 == 0 and entry["recent_games"] > 0
+        assert sha256_file(policies / checked.file) == checked.sha256
+        assert (policies / checked.file).stat().st_size == checked.size
+        assert entry["parity"]["max_abs_logit_diff"] <= 1e-4
+        assert entry["parity"]["action_agreement"] == 1.0
+        model = Policy.load(policies / checked.file)
+        assert model.metadata["training_step"] == entry["step"]
+        assert model.metadata["env_id"] == "CartPole-v1"
+        assert model.metadata["producer"] == "runtime.daemon"
+    with pytest.raises(ManifestError, match="signature"):
+        parse_entry(latest, b"x" * 64, max_size=10**8)
+    assert "published policy-" in (run_dir / "daemon.log").read_text()
+
+
+def test_a_failed_export_is_counted_and_learning_goes_on(run_dir: Path) -> None:
+    run_dir.mkdir()
+    (run_dir / "policies").write_text("a file where the policies directory should be")
+    done = cli("runtime.daemon", "--config", "config.yaml", "--run-dir", str(run_dir),
+               "--max-steps", "2500", *CARTPOLE, "--set", "export.every_steps=500",
+               "--set", "export.niceness=0", timeout=180)
+    assert done.returncode == 0, done.stderr
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["step"] == 2500 and status["state"] == "stopped"
+    assert status["faults"]["export_failures"] >= 1
+    assert status["publishing"]["published"] == 0
+    assert "FileExistsError" in status["publishing"]["last_error"]
+    assert "not published" in done.stderr and "retrying at the next interval" in done.stderr
+
+
+def test_the_writer_keeps_the_newest_and_never_publishes_a_failed_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, learner, spec = _cartpole(tmp_path / "run")
+    policies = tmp_path / "policies"
+    writer = PolicyWriter(config, spec, policies, key=None, keep=2)
+    for step in (100, 200, 300):
+        entry = writer.publish(_job(learner, step))
+        assert "signature" not in entry and entry["mean_return"] == 15.0
+    files = sorted(p.name for p in policies.glob("policy-*.onnx"))
+    assert files == ["policy-000000000200.onnx", "policy-000000000300.onnx"]
+    assert json.loads((policies / "latest.json").read_text())["step"] == 300
+    monkeypatch.setattr(export_module, "LOGIT_TOLERANCE", -1.0)  # no model can pass
+    with pytest.raises(VerificationError, match="parity"):
+        writer.publish(_job(learner, 400))
+    assert sorted(p.name for p in policies.iterdir()) == ["latest.json", "manifest.json", *files]
+    assert json.loads((policies / "latest.json").read_text())["step"] == 300
+    monkeypatch.undo()
+    again = PolicyWriter(config, spec, policies, key=None, keep=2)  # a restarted daemon
+    assert [e["step"] for e in again.entries] == [200, 300]
+    again.publish(_job(learner, 500))
+    assert [e["step"] for e in json.loads((policies / "manifest.json").read_text())[
+        "policies"]] == [300, 500]
+
+
+def _wait(publisher: Publisher, step: int, until, timeout: float = 120) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        publisher.tick(step, time.monotonic(), [1.0])
+        time.sleep(0.05)
+    assert until(), publisher.status()
+
+
+def test_a_dead_publisher_process_is_counted_and_replaced(tmp_path: Path) -> None:
+    config, learner, spec = _cartpole(tmp_path / "run", "export.every_steps=10")
+    counters = Counters()
+    publisher = Publisher(config, tmp_path / "run", learner, spec, counters)
+    try:
+        publisher.tick(9, time.monotonic(), [1.0])
+        assert publisher.status()["in_flight_step"] is None  # not due yet
+        publisher.tick(10, time.monotonic(), [1.0])
+        assert publisher.status()["in_flight_step"] == 10
+        os.kill(publisher._worker.pid, signal.SIGKILL)
+        _wait(publisher, 10, lambda: publisher.status()["in_flight_step"] is None)
+        assert counters.faults.export_failures == 1
+        assert "died" in publisher.status()["last_error"]
+        _wait(publisher, 20, lambda: publisher.published == 1)  # retried, in a new process
+        assert publisher.status()["last_step"] == 20 and publisher.last_error is None
+    finally:
+        publisher.close()
+    assert publisher._worker is None
