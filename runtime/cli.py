@@ -29,3 +29,21 @@ def positive_int(text: str) -> int:
 
 
 positive_int.__name__ = "positive int"  # argparse names the type in its error message
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+positive_float.__name__ = "positive number"
+non_negative_float.__name__ = "non-negative number"

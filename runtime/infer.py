@@ -2,6 +2,12 @@
 
     python -m runtime.infer --model policy.onnx [--env ID] [--episodes N] [--seed S]
         [--sample] [--threads T] [--max-steps M] [--record DIR]
+    python -m runtime.infer --follow SOURCE [--key FILE] [--interval S] [--wait S]
+        [--cache DIR] [--timeout S] [--max-policy-mb MB] [--episodes N] [...]
+
+--follow plays the newest verified policy published in SOURCE (a policies directory or an
+http(s) URL of one) and swaps to newer ones between games (runtime.follow); it plays until
+--episodes, --max-steps or SIGINT/SIGTERM, then prints its summary.
 
 Only the standard library, numpy and onnxruntime are imported at module level; the sensor
 stream (``runtime.streams``: gymnasium + ale-py, no torch) is imported only when a game is
@@ -17,14 +23,21 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
-from runtime.cli import OneLineParser, UsageError, positive_int
+from runtime.cli import (
+    OneLineParser,
+    UsageError,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from runtime.video import GameRecorder
@@ -41,6 +54,8 @@ _JSON_KEYS = ("observation_shape", "action_meanings", "env_kwargs", "terminal_on
 _STR_KEYS = ("format_version", "env_id", "observation_dtype")
 REQUIRED_KEYS = _STR_KEYS + _INT_KEYS + _JSON_KEYS
 _ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
+KEPT_LATENCIES = 100_000  # act latencies behind the p50/p99 (the newest)
+KEPT_RETURNS = 100  # game returns listed when playing until stopped (the newest)
 
 
 class ModelError(ValueError):
@@ -210,15 +225,21 @@ def _percentile_us(latencies_ns: Sequence[int], q: float) -> float | None:
     return round(float(np.percentile(np.asarray(latencies_ns, dtype=np.float64), q)) / 1e3, 1)
 
 
-def play(policy: Policy, stream: Any, *, episodes: int = 1, max_steps: int | None = None,
-         sample: bool = False, seed: int = 0, recorder: GameRecorder | None = None,
-         env_id: str | None = None) -> dict[str, Any]:
-    """Play whole games (info["game_over"]) and return the summary dict the CLI prints."""
+def play(policy: Policy, stream: Any, *, episodes: int | None = 1,
+         max_steps: int | None = None, sample: bool = False, seed: int = 0,
+         recorder: GameRecorder | None = None, env_id: str | None = None,
+         between_games: Callable[[float], None] | None = None,
+         should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Play whole games (info["game_over"]) and return the summary dict the CLI prints.
+    `episodes` None = until `should_stop()`; `between_games(return)` after each game (a
+    runtime.follow.Follower, which plays like a Policy, swaps policies there)."""
     check_fits(policy, stream.spec, env_id)
     rng = np.random.default_rng(seed)
-    returns: list[float] = []
-    latencies: list[int] = []
-    game_return, steps = 0.0, 0
+    # Bounded, so that playing for days keeps a constant memory: the summary then reports
+    # the latency of the newest actions and the returns of the newest games.
+    returns: deque[float] = deque(maxlen=KEPT_RETURNS if episodes is None else None)
+    latencies: deque[int] = deque(maxlen=KEPT_LATENCIES)
+    game_return, steps, game_steps, games = 0.0, 0, 0, 0
     render = getattr(stream, "render_rgb", lambda: None)
     obs = stream.reset()
     if recorder is not None:
@@ -227,25 +248,31 @@ def play(policy: Policy, stream: Any, *, episodes: int = 1, max_steps: int | Non
     clock = time.perf_counter_ns
     start = time.perf_counter()
     try:
-        while len(returns) < episodes and (max_steps is None or steps < max_steps):
+        while (episodes is None or games < episodes) \
+                and (max_steps is None or steps < max_steps) \
+                and (should_stop is None or not should_stop()):
             t0 = clock()
             action = policy.act(obs, sample=sample, rng=rng)
             latencies.append(clock() - t0)
             obs, reward, terminated, truncated, info = stream.step(action)
             steps += 1
+            game_steps += 1
             game_return += reward
             if recorder is not None:
                 recorder.frame(render)
             if info.get("game_over", terminated or truncated):
                 returns.append(game_return)
-                game_return = 0.0
+                games += 1
+                if between_games is not None:
+                    between_games(game_return)
+                game_return, game_steps = 0.0, 0
                 if recorder is not None:
                     recorder.finish()
-                    if len(returns) < episodes:
-                        recorder.start(f"game-{len(returns):04d}")
+                    if episodes is None or games < episodes:
+                        recorder.start(f"game-{games:04d}")
             if terminated or truncated:
                 obs = stream.reset()
-                if recorder is not None and len(returns) < episodes:
+                if recorder is not None and (episodes is None or games < episodes):
                     recorder.frame(render)
     finally:
         if recorder is not None:
@@ -254,15 +281,15 @@ def play(policy: Policy, stream: Any, *, episodes: int = 1, max_steps: int | Non
     summary: dict[str, Any] = {
         "model": policy.path,
         "env_id": env_id,
-        "returns": returns,
+        "returns": list(returns),
         "mean_return": float(np.mean(returns)) if returns else None,
-        "games": len(returns),
+        "games": games,
         "steps": steps,
         "latency_us_p50": _percentile_us(latencies, 50),
         "latency_us_p99": _percentile_us(latencies, 99),
         "steps_per_s": round(steps / elapsed, 1) if elapsed > 0 else None,
     }
-    if len(returns) < episodes:  # stopped by --max-steps inside a game
+    if game_steps:  # stopped inside a game (by --max-steps or a signal)
         summary["unfinished_game_return"] = game_return
     if recorder is not None:
         summary["videos"] = recorder.paths
@@ -272,9 +299,14 @@ def play(policy: Policy, stream: Any, *, episodes: int = 1, max_steps: int | Non
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m runtime.infer",
                             description="Play games with an exported ONNX actor (no torch).")
-    parser.add_argument("--model", required=True, help="ONNX file from tools/export_onnx.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="ONNX file from tools/export_onnx.py")
+    source.add_argument("--follow", metavar="SOURCE",
+                        help="a policies directory or its http(s) URL: play the newest "
+                             "verified policy, swap to newer ones between games")
     parser.add_argument("--env", help="environment id (default: the model's env_id)")
-    parser.add_argument("--episodes", type=positive_int, default=1, help="whole games to play")
+    parser.add_argument("--episodes", type=positive_int,
+                        help="whole games to play (default 1; with --follow until stopped)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the stream and sampling")
     parser.add_argument("--sample", action="store_true",
                         help="sample from softmax(logits) instead of the greedy action")
@@ -282,16 +314,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="onnxruntime intra-op threads")
     parser.add_argument("--max-steps", type=positive_int, help="stop after this many agent steps")
     parser.add_argument("--record", metavar="DIR", help="write one MP4 per game to DIR")
-    return parser.parse_args(argv)
+    follow = parser.add_argument_group("with --follow")
+    follow.add_argument("--key", metavar="FILE",
+                        help="shared key file: refuse policies not signed with it")
+    follow.add_argument("--interval", type=positive_float, default=30.0,
+                        help="seconds between looks at latest.json (default 30)")
+    follow.add_argument("--wait", type=non_negative_float, default=0.0,
+                        help="seconds to wait for a first policy (default 0: exit 2 at once)")
+    follow.add_argument("--cache", metavar="DIR",
+                        help="where verified policies are kept (default "
+                             "~/.cache/stream-agent/follow/<hash of SOURCE>)")
+    follow.add_argument("--timeout", type=positive_float, default=10.0,
+                        help="network timeout in seconds (default 10)")
+    follow.add_argument("--max-policy-mb", type=positive_int, default=64,
+                        help="refuse policies larger than this before downloading (default 64)")
+    args = parser.parse_args(argv)
+    if args.follow is None:
+        given = [flag for flag, value, default in (
+            ("--key", args.key, None), ("--interval", args.interval, 30.0),
+            ("--wait", args.wait, 0.0),
+            ("--cache", args.cache, None), ("--timeout", args.timeout, 10.0),
+            ("--max-policy-mb", args.max_policy_mb, 64)) if value != default]
+        if given:
+            raise UsageError(f"{given[0]} applies to --follow only")
+        args.episodes = args.episodes or 1
+    elif args.record:
+        raise UsageError("--record applies to --model only")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.follow import FollowError, run_follow  # standard library + this module
     from runtime.streams import StreamError  # torch-free; gymnasium is needed to play anyway
     from runtime.video import VideoError  # numpy only; imageio is imported when recording
 
     stream = None
     try:
         args = parse_args(argv)
+        if args.follow is not None:
+            print(json.dumps(run_follow(args)))
+            return 0
         policy = Policy.load(args.model, threads=args.threads)
         env_id = args.env or policy.metadata["env_id"]
         stream = make_stream_from_metadata(policy.metadata, env_id, seed=args.seed)
@@ -311,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     except VideoError as exc:
         print(f"infer: error: --record: {exc}", file=sys.stderr)
         return 2
-    except (UsageError, ModelError, StreamError) as exc:
+    except (UsageError, ModelError, StreamError, FollowError) as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -47,7 +47,6 @@ BAD_DAEMON_SETS = [
     ("unknown fault policy", ["faults.on_nonfinite=ignore"], "faults.on_nonfinite: must be one"),
     ("unknown export key", ["export.every=5"], "export.every: unknown key"),
     ("export niceness 30", ["export.niceness=30"], "export.niceness: must be in 0..19"),
-    ("export keep zero", ["export.keep=0"], "export.keep: must be >= 1"),
 ]
 
 
@@ -101,7 +100,21 @@ def _tool_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
          "not a loadable ONNX model"),
         ("infer: zero threads", [*infer, "--model", str(text_model), "--threads", "0"],
          "threads"),
-        ("infer: no model", infer, "the following arguments are required: --model"),
+        ("infer: no model", infer, "one of the arguments --model --follow is required"),
+        ("infer: --key without --follow", [*infer, "--model", str(text_model), "--key", "k"],
+         "--key applies to --follow only"),
+        ("infer: --record with --follow", [*infer, "--follow", str(tmp), "--record", "v"],
+         "--record applies to --model only"),
+        ("infer: follow ftp", [*infer, "--follow", "ftp://host/policies"],
+         "not a directory or an http(s) URL"),
+        ("infer: follow missing key", [*infer, "--follow", str(tmp), "--key",
+                                       str(tmp / "none.key")], "--key: cannot read key file"),
+        ("infer: follow zero interval", [*infer, "--follow", str(tmp), "--interval", "0"],
+         "invalid positive number value"),
+        ("infer: nothing to follow", [*infer, "--follow", str(tmp / "empty"), "--cache",
+                                      str(tmp / "cache")], "no policy could be obtained"),
+        ("infer: follow unreachable", [*infer, "--follow", "http://127.0.0.1:9/", "--cache",
+                                       str(tmp / "cache")], "no policy could be obtained"),
     ]
 
 

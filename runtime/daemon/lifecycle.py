@@ -29,7 +29,7 @@ from runtime.cli import OneLineParser, UsageError
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore
 from runtime.daemon.config import Config, ConfigError, load_config, to_dict
 from runtime.daemon.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, StreamFault
-from runtime.daemon.publish import Publisher
+from runtime.daemon.publish import Publisher, export_key
 from runtime.daemon.tensorboard import TensorBoardLog
 from runtime.files import write_atomic
 from runtime.metrics import MetricsLog, write_status
@@ -116,6 +116,7 @@ class Daemon:
             probe.unlink()
         except OSError as exc:
             raise UsageError(f"run.dir: cannot write to {self.run_dir} ({exc.strerror})") from None
+        key = export_key(self.config)
         self._lock_run_dir()
         setup_logging(self.config, self.run_dir / "daemon.log")
         try:
@@ -131,7 +132,7 @@ class Daemon:
         configure_torch(self.config, self.learner.network_name)
         self._restore()
         self.publisher = Publisher(self.config, self.run_dir, self.learner, self._spec(),
-                                   self.counters, fresh=self.fresh)
+                                   self.counters, fresh=self.fresh, key=key)
         self.tensorboard = None
         if self.config.log.tensorboard:
             try:

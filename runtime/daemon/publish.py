@@ -76,11 +76,21 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
+def export_key(config: Config) -> bytes | None:
+    """The signing key of export.key_file (None when unset); UsageError naming the key."""
+    try:
+        return load_key(config.export.key_file) if config.export.key_file else None
+    except KeyFileError as exc:
+        raise UsageError(f"export.key_file: {exc}") from None
+
+
 class Publisher:
     """The daemon's side: decides when, snapshots the actor, hands it over, reads results."""
 
     def __init__(self, config: Config, run_dir: Path, learner: A2CLearner,
-                 spec: dict[str, Any], counters: Counters, fresh: bool = False) -> None:
+                 spec: dict[str, Any], counters: Counters, fresh: bool = False,
+                 key: bytes | None = None) -> None:
+        """`key`: export_key(config), read before anything else starts."""
         export = config.export
         self.config = config
         self.learner = learner
@@ -89,10 +99,7 @@ class Publisher:
         self.directory = run_dir / "policies"
         self.trigger = Every(export.every_steps, export.every_seconds, counters.steps,
                              time.monotonic())
-        try:
-            self.key = load_key(export.key_file) if export.key_file else None
-        except KeyFileError as exc:
-            raise UsageError(f"export.key_file: {exc}") from None
+        self.key = key
         if fresh and self.directory.is_dir() and any(self.directory.iterdir()):
             aside = self.directory.with_name(f"policies.old-{time.strftime('%Y%m%d-%H%M%S')}")
             self.directory.rename(aside)
