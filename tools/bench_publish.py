@@ -11,9 +11,10 @@ publishes while the loop goes on). Each "on" block ends by waiting, outside the 
 its export to finish, so an export never runs into an "off" block; a first export before
 the blocks starts the publisher process. Per step the wall time of step + tick is
 recorded. Prints one JSON object: steps/s per mode (median, min, max over blocks) and their
-ratio, per-step time p50 / p99 / max per mode, the longest step that handed an export over
-(the loop's pause for the snapshot), the export times, and how much of the "on" time an
-export was running.
+ratio, per-step time p50 / p99 / max per mode, the tick that hands a snapshot over (the
+loop's pause for an export; the first one also starts the publisher process) and the
+longest step around it, the export times, and how much of the "on" time an export was
+running.
 """
 
 from __future__ import annotations
@@ -49,10 +50,27 @@ def _step_ms(durations: list[float]) -> dict[str, float]:
             "p99": round(float(np.percentile(ms, 99)), 3), "max": round(float(ms.max()), 3)}
 
 
+class BlockStart:
+    """The publisher's trigger for the benchmark: due once after each arm()."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def due(self, step: int, now: float) -> bool:
+        return self.armed
+
+    def reset(self, step: int, now: float) -> None:
+        self.armed = False
+
+
 def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-publish-"))
     config = load_config(ROOT / "config.yaml", [f"env.id={args.env}", f"run.dir={work}",
-                                                f"export.every_steps={args.block_steps}",
                                                 f"export.niceness={args.niceness}",
                                                 *args.set])
     stream = open_stream(config.env, config.seed)
@@ -65,6 +83,7 @@ def run(args: argparse.Namespace) -> dict:
             "observation_shape": list(stream.spec.observation_shape),
             "observation_dtype": stream.spec.observation_dtype}
     publisher = Publisher(config, work, learner, spec, counters)
+    publisher.trigger = trigger = BlockStart()  # one export at the start of each "on" block
     returns = [0.0]
 
     def finish_export() -> float:
@@ -76,11 +95,15 @@ def run(args: argparse.Namespace) -> dict:
 
     while counters.steps < args.block_steps:  # warm up; the first export starts the process
         loop.step()
+    trigger.arm()
+    t0 = time.perf_counter()
     publisher.tick(counters.steps, time.monotonic(), returns)
+    first_handover_s = time.perf_counter() - t0
     first_export_s = finish_export()
     rates: dict[str, list[float]] = {"off": [], "on": []}
     steps_s: dict[str, list[float]] = {"off": [], "on": []}
-    submit_s: list[float] = []
+    submit_s: list[float] = []  # the tick that hands a snapshot over
+    submit_step_s: list[float] = []  # ... and the whole step around it
     export_s: list[float] = []
     busy_fraction: list[float] = []
     clock = time.perf_counter
@@ -88,6 +111,8 @@ def run(args: argparse.Namespace) -> dict:
         for block in range(2 * args.blocks):
             mode = "on" if block % 2 else "off"
             durations, busy, submitted_at = [], 0.0, None
+            if mode == "on":
+                trigger.arm()
             start = clock()
             for _ in range(args.block_steps):
                 t0 = clock()
@@ -96,10 +121,13 @@ def run(args: argparse.Namespace) -> dict:
                     returns.append(summary.game_return)
                 if mode == "on":
                     was_idle = publisher.status()["in_flight_step"] is None
+                    t1 = clock()
                     publisher.tick(counters.steps, time.monotonic(), returns)
+                    t2 = clock()
                     in_flight = publisher.status()["in_flight_step"] is not None
                     if was_idle and in_flight:
-                        submit_s.append(clock() - t0)
+                        submit_s.append(t2 - t1)
+                        submit_step_s.append(t2 - t0)
                         submitted_at = t0
                     elif submitted_at is not None and not in_flight:
                         export_s.append(clock() - submitted_at)
@@ -125,8 +153,10 @@ def run(args: argparse.Namespace) -> dict:
         "on_over_off": round(statistics.median(rates["on"]) / statistics.median(rates["off"]),
                              3),
         "step_ms": {mode: _step_ms(values) for mode, values in steps_s.items()},
-        "export_handover_ms": {"max": round(max(submit_s) * 1e3, 3),
-                               "median": round(statistics.median(submit_s) * 1e3, 3)},
+        "handover_ms": {"max": round(max(submit_s) * 1e3, 3),
+                        "median": round(statistics.median(submit_s) * 1e3, 3)},
+        "handover_step_ms_max": round(max(submit_step_s) * 1e3, 3),
+        "first_handover_ms": round(first_handover_s * 1e3, 1),
         "export_s": _spread(export_s, 2), "first_export_s": round(first_export_s, 2),
         "on_time_with_export_running": round(statistics.median(busy_fraction), 3),
         "published": publisher.published, "export_failures": counters.faults.export_failures,
