@@ -56,6 +56,7 @@ STREAM_KEYS = ("env_id", "observation_shape", "observation_dtype", "num_actions"
                "frame_stack", "screen_size", "noop_max", "terminal_on_life_loss",
                "repeat_action_probability", "env_kwargs")
 CURRENT = "current.json"
+MAX_REMEMBERED = 1000  # refusals remembered (memory stays bounded whatever is published)
 
 
 class FollowError(Exception):
@@ -95,7 +96,8 @@ class Follower:
         (KeyFileError if unreadable); `cache_dir`: where verified policies are kept."""
         self.source = source if isinstance(source, Source) else Source(source)
         self.key = load_key(key_file) if key_file is not None else None
-        self.cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(source)
+        self.cache = Path(cache_dir) if cache_dir is not None else \
+            default_cache_dir(self.source)
         self.interval = interval
         self.max_policy_bytes = max_policy_bytes
         self.download_seconds = download_seconds
@@ -259,6 +261,10 @@ class Follower:
             warn("policy step %s not fetched (%s); retrying later", step, exc)
             return None
         except Refused as exc:
+            if len(self._reported) >= MAX_REMEMBERED:  # a source that publishes junk forever
+                self._reported.clear()
+                self._refused_keys.clear()
+                del self.refused[:-MAX_REMEMBERED // 10]
             if not exc.retry:
                 self._refused_keys.add(key)
             if (key, str(exc)) not in self._reported:  # one record and line per refusal
