@@ -4,4 +4,7 @@ import sys
 
 from runtime.daemon.lifecycle import main
 
-sys.exit(main())
+# The guard matters: the policy publisher is a spawned process, and spawn may import the
+# main module again under another name.
+if __name__ == "__main__":
+    sys.exit(main())
