@@ -33,6 +33,11 @@ class Preprocess(nn.Module):
         if self.norm is not None:
             self.norm.update(self.scaled(obs)[0])
 
+    def undo_observe(self) -> None:
+        """Take the last observed observation back out of the statistics."""
+        if self.norm is not None:
+            self.norm.undo()
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = self.scaled(obs)
         return self.norm(x) if self.norm is not None else x

@@ -323,6 +323,9 @@ class Daemon:
             return
         payload, path = found
         self.learner.load_state_dict(payload["learner"])
+        # The stream has moved on since that checkpoint: its traces belong to another
+        # stretch of the episode, and credit must not flow across the cut.
+        self.learner.reset_traces()
         log.warning("rolled back the learner to %s after %s", path.name, why)
 
     def checkpoint(self) -> bool:

@@ -133,7 +133,10 @@ class ActingLoop:
         """One agent step and one update; returns a summary when a whole game ended."""
         obs = self.observation
         if self._in_flight is None:
-            action = self.learner.act(obs)
+            try:
+                action = self.learner.act(obs)
+            except NonFiniteError:  # a reset gave a NaN/Inf reading
+                return self._drop_reading()
             result = _sensor("step", self.stream.step, action)
         else:
             action, future = self._in_flight
@@ -145,11 +148,7 @@ class ActingLoop:
         if self.recorder is not None:
             self._film()
         if not math.isfinite(reward) or (self._float_obs and not np.isfinite(next_obs).all()):
-            # A corrupt reading: learn nothing from it, and start a clean episode.
-            self.counters.faults.nonfinite_inputs += 1
-            self.learner.reset_traces()
-            self.observation = self._reset()
-            return None
+            return self._drop_reading()
         if self._worker is not None and not (terminated or truncated):
             next_action = self.learner.act_ahead(next_obs)
             self._in_flight = (next_action, self._worker.submit(self.stream.step, next_action))
@@ -163,6 +162,12 @@ class ActingLoop:
         if metrics is None and self.rollback_on_nonfinite:
             raise RollbackNeeded(summary)  # after the step is counted: the stream moved on
         return summary
+
+    def _drop_reading(self) -> None:
+        """A corrupt reading: learn nothing from it, and start a clean episode."""
+        self.counters.faults.nonfinite_inputs += 1
+        self.learner.reset_traces()
+        self.observation = self._reset()
 
     def _drain(self) -> None:
         """Wait out a stream step still in flight (its result is dropped)."""
