@@ -102,6 +102,19 @@ class A2CLearner:
         self._prepared = (observation, inputs)
         return inputs
 
+    def has_seen(self, observation: np.ndarray) -> bool:
+        """True when `observation` already joined the running statistics (as the s' of the
+        last update) and the next act() on it will reuse its network input."""
+        return self._prepared is not None and self._prepared[0] is observation
+
+    def resume_on(self, observation: np.ndarray, seen: bool) -> None:
+        """After load_state_dict, the observation the agent stands on. When the saved
+        learner had seen it, its network input is rebuilt (same statistics, same values)
+        without counting it again, so the next act() computes what it would have."""
+        if seen:
+            with torch.no_grad():
+                self._prepared = (observation, self.net.preprocess(_batch(observation)))
+
     def forward(self, observation: np.ndarray) -> None:
         """The forward pass on s, with its graph, kept for the update on s."""
         logits, value = self.net.heads(self._inputs(observation))

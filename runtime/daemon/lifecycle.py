@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -103,6 +104,10 @@ class Daemon:
         self.fresh = fresh
         self.notifier = Notifier()
         self.stream_failures = 0  # consecutive; reset by every good step
+        self.loop: ActingLoop | None = None
+        # The saved position in the stream when resuming (None: a new run).
+        self.resume_state: dict[str, Any] | None = None
+        self._log_handlers: list[logging.Handler] = []
 
     # -- start -------------------------------------------------------------------------
 
@@ -116,9 +121,11 @@ class Daemon:
         except OSError as exc:
             raise UsageError(f"run.dir: cannot write to {self.run_dir} ({exc.strerror})") from None
         self._lock_run_dir()
-        setup_logging(self.config, self.run_dir / "daemon.log")
+        self._log_handlers = setup_logging(self.config, self.run_dir / "daemon.log")
+        found = None if self.fresh else self._newest_checkpoint()
+        steps = int(found[0].get("counters", {}).get("steps", 0)) if found else 0
         try:
-            self.stream = open_stream(self.config.env, self.config.seed)
+            self.stream = open_stream(self.config.env, stream_seed(self.config.seed, steps))
         except StreamError as exc:
             raise UsageError(f"env.id: {exc}") from None
         spec = self.stream.spec
@@ -128,7 +135,14 @@ class Daemon:
         except ValueError as exc:
             raise UsageError(f"agent.network: {exc}") from None
         configure_torch(self.config, self.learner.network_name)
-        self._restore()
+        if self.fresh:
+            moved = self.store.move_aside()
+            if moved is not None:
+                log.info("--fresh: previous checkpoints moved to %s", moved)
+        elif found is None:
+            log.info("no checkpoint in %s: starting fresh", self.store.directory)
+        else:
+            self._restore(*found)
         self.tensorboard = None
         if self.config.log.tensorboard:
             try:
@@ -161,20 +175,14 @@ class Daemon:
                 "observation_dtype": spec.observation_dtype, "num_actions": spec.num_actions,
                 "env_id": self.config.env.id}
 
-    def _restore(self) -> None:
-        if self.fresh:
-            moved = self.store.move_aside()
-            if moved is not None:
-                log.info("--fresh: previous checkpoints moved to %s", moved)
-            return
+    def _newest_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
+        """Read before the stream is made: a resumed run seeds its stream differently."""
         try:
-            found = self.store.load_latest()
+            return self.store.load_latest()
         except CheckpointError as exc:
             raise UsageError(str(exc)) from None
-        if found is None:
-            log.info("no checkpoint in %s: starting fresh", self.store.directory)
-            return
-        payload, path = found
+
+    def _restore(self, payload: dict[str, Any], path: Path) -> None:
         mine, theirs = self._spec(), payload.get("spec", {})
         for key in ("network", "optimizer", "observation_shape", "num_actions"):
             if theirs.get(key) != mine[key]:
@@ -187,6 +195,9 @@ class Daemon:
             raise UsageError(f"checkpoint {path} does not fit this learner: {exc}") from None
         self.counters = Counters.from_dict(payload["counters"])
         self.last_checkpoint_step = self.counters.steps
+        self.resume_state = payload.get("loop") or {
+            "stream_unavailable": "the checkpoint holds no position in the stream (written "
+                                  "before streams were checkpointed)"}
         log.info("resumed from %s at step %d", path, self.counters.steps)
 
     # -- run ---------------------------------------------------------------------------
@@ -194,11 +205,13 @@ class Daemon:
     def run(self) -> int:
         """Learn until a signal or run.max_steps; final checkpoint; returns the exit code."""
         cfg = self.config
-        loop = ActingLoop(self.learner, self.stream, self.counters,
-                          rollback_on_nonfinite=cfg.faults.on_nonfinite == "rollback",
-                          overlap=cfg.run.overlap_stream)
+        loop = self.loop = ActingLoop(
+            self.learner, self.stream, self.counters,
+            rollback_on_nonfinite=cfg.faults.on_nonfinite == "rollback",
+            overlap=cfg.run.overlap_stream, resume=self.resume_state)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         progress = Progress(self, sys.stderr.isatty())
+        self._report_resume(loop, progress)
         max_steps = cfg.run.max_steps
         every_steps = cfg.checkpoint.every_steps
         every_seconds = cfg.checkpoint.every_seconds
@@ -246,6 +259,18 @@ class Daemon:
             self.stream.close()
             self.stop.restore()
 
+    def _report_resume(self, loop: ActingLoop, progress: Progress) -> None:
+        if self.resume_state is None:
+            return
+        steps = self.counters.steps
+        if loop.cut is None:
+            log.info("step %d: the episode in progress goes on exactly where it stopped "
+                     "(the stream's state was restored)", steps)
+            return
+        log.warning("step %d: a new episode, traces reset: the stream's state could not be "
+                    "restored (%s)", steps, loop.cut)
+        progress.restart_note = f"step {steps}: a new episode after the restart ({loop.cut})"
+
     def _film_next_game(self, loop: ActingLoop, game: int) -> None:
         """log.video_every_episodes: film the game after every Nth one (never fatal)."""
         every = self.config.log.video_every_episodes
@@ -276,7 +301,7 @@ class Daemon:
     def _give_up(self, progress: Progress) -> int:
         log.error("the stream failed %d times in a row: giving up after a final checkpoint",
                   self.config.faults.stream_max_failures)
-        self.checkpoint()
+        self.checkpoint(stream_usable=False)
         progress.tick(time.monotonic(), "failed", force=True)
         return 3
 
@@ -304,7 +329,8 @@ class Daemon:
             except Exception:  # noqa: BLE001, S110 - a broken stream may fail to close too
                 pass
             try:
-                self.stream = open_stream(self.config.env, self.config.seed + self.counters.steps)
+                self.stream = open_stream(self.config.env,
+                                          stream_seed(self.config.seed, self.counters.steps))
                 self.learner.reset_traces()
                 loop.attach(self.stream)
                 return True
@@ -328,13 +354,16 @@ class Daemon:
         self.learner.reset_traces()
         log.warning("rolled back the learner to %s after %s", path.name, why)
 
-    def checkpoint(self) -> bool:
-        """Write a checkpoint; a disk fault is logged and counted, never fatal here."""
+    def checkpoint(self, stream_usable: bool = True) -> bool:
+        """Write a checkpoint; a disk fault is logged and counted, never fatal here. It holds
+        the learner and where the agent stands in its stream, so a restart goes on exactly
+        from here."""
         if not self.learner.parameters_finite():
             self.rollback("non-finite parameters found before a checkpoint")
             return False
+        loop = self.loop.state_dict(stream_usable) if self.loop is not None else None
         payload = {"learner": self.learner.state_dict(), "counters": self.counters.as_dict(),
-                   "config": to_dict(self.config), "spec": self._spec(),
+                   "loop": loop, "config": to_dict(self.config), "spec": self._spec(),
                    "created_at": time.time()}
         try:
             path = self.store.save(payload, self.counters.steps)
@@ -348,12 +377,39 @@ class Daemon:
         return True
 
 
+    def release(self) -> None:
+        """Give back the run directory's lock and the log handlers (for a next start in the
+        same process)."""
+        root = logging.getLogger()
+        for handler in self._log_handlers:
+            root.removeHandler(handler)
+            handler.close()
+        self._log_handlers = []
+        stream = getattr(self, "stream", None)
+        if stream is not None and self.loop is None:  # run() closes the one it used
+            stream.close()
+        lock = getattr(self, "_lock_file", None)
+        if lock is not None:
+            lock.close()
+            self._lock_file = None
+
+
+def stream_seed(seed: int, steps: int) -> int:
+    """The stream's seed for a start at all-time step `steps`: `seed` for a new run, else
+    one derived from both, so that a restart that cannot restore the stream's state does
+    not replay the episode starts of the first run."""
+    if steps == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, steps]).generate_state(1)[0])
+
+
 class Progress:
     """status.json, the live terminal line, periodic summary lines, game records."""
 
     def __init__(self, daemon: Daemon, live: bool) -> None:
         self.daemon = daemon
         self.live = live
+        self.restart_note: str | None = None  # said in the next game record
         self.started = time.time()
         self.last_time = time.monotonic()
         self.last_steps = daemon.counters.steps
@@ -364,10 +420,13 @@ class Progress:
 
     def game_record(self, summary: GameSummary) -> dict[str, Any]:
         self.recent_returns = (self.recent_returns + [summary.game_return])[-100:]
-        return {"step": summary.step, "episode": summary.game, "return": summary.game_return,
-                "length": summary.length, "time": round(time.time(), 3),
-                "steps_per_s": round(self.steps_per_s, 1),
-                **{k: round(v, 6) for k, v in summary.means.items()}}
+        record = {"step": summary.step, "episode": summary.game, "return": summary.game_return,
+                  "length": summary.length, "time": round(time.time(), 3),
+                  "steps_per_s": round(self.steps_per_s, 1),
+                  **{k: round(v, 6) for k, v in summary.means.items()}}
+        if self.restart_note is not None:
+            record["restarted"], self.restart_note = self.restart_note, None
+        return record
 
     def tick(self, now: float, state: str, force: bool = False) -> None:
         if now > self.last_time + 0.5:
@@ -416,28 +475,35 @@ def memory_mb() -> dict[str, float]:
     return {"rss_mb": round(rss, 1), "peak_rss_mb": round(peak, 1)}
 
 
-def setup_logging(config: Config, log_file: Path) -> None:
+def setup_logging(config: Config, log_file: Path) -> list[logging.Handler]:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(config.log.level)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)):
+    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
+    for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
+    return handlers
 
 
 def main(argv: list[str] | None = None) -> int:
+    daemon = None
     try:
         args = parse_args(argv)
         daemon = Daemon(resolve_config(args), fresh=args.fresh)
         daemon.prepare()
     except (UsageError, ConfigError) as exc:
         print(f"daemon: error: {exc}", file=sys.stderr)
+        if daemon is not None:
+            daemon.release()
         return 2
     try:
         return daemon.run()
     except Exception:
         log.exception("fatal error at step %d", daemon.counters.steps)
         return 1
+    finally:
+        daemon.release()
 
 
 if __name__ == "__main__":
