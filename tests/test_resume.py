@@ -18,7 +18,8 @@ from runtime.daemon.checkpoints import CheckpointStore, encode, read_checkpoint
 from runtime.daemon.config import load_config
 from runtime.daemon.lifecycle import Daemon, stream_seed
 from runtime.daemon.loop import ActingLoop
-from tests.conftest import ROOT, cli, start_daemon, wait_for_status
+from runtime.metrics import read_jsonl
+from tests.conftest import ROOT, cli, load_tool, start_daemon, wait_for_status
 
 WALL_CLOCK = ("time", "steps_per_s")
 
@@ -192,3 +193,68 @@ def test_a_stream_whose_state_cannot_be_captured_says_so_and_starts_a_new_episod
     assert "step 200: a new episode, traces reset: the stream's state could not be " \
            "restored (tests.faulty_env.FaultyCartPole is not an environment" in log
 
+
+def _tensorboard_returns(run_dir: Path) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("game/return")]
+
+
+def test_sigkill_between_checkpoints_then_restart_counts_every_game_once(
+        tmp_path: Path) -> None:
+    """Metrics follow the checkpoint: the records written after it are moved aside, and
+    the game counter, metrics.jsonl, TensorBoard and bench_learning's summary end up as
+    those of a run that was never killed (and so does the learner)."""
+    args = ["--config", "config.yaml", "--set", "env.id=CartPole-v1",
+            "--set", "checkpoint.every_steps=500", "--set", "log.status_every_seconds=0.1",
+            "--set", "log.tensorboard=true"]
+    run = tmp_path / "run"
+    proc = start_daemon(*args, "--run-dir", str(run))
+    killed_at = wait_for_status(run, 1200, timeout=120)["step"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    newest = read_checkpoint(CheckpointStore(run / "checkpoints", 3).paths()[0])
+    resumed_at = newest["counters"]["steps"]
+    later = [r for r in read_jsonl(run / "metrics.jsonl") if r["step"] > resumed_at]
+    assert resumed_at < killed_at and later, "the kill should land between two checkpoints"
+    steps = 3000
+    again = cli("runtime.daemon", *args, "--run-dir", str(run), "--max-steps", str(steps))
+    assert again.returncode == 0, again.stderr
+    assert f"step {resumed_at}: the episode in progress goes on exactly" in again.stderr
+    (aside,) = run.glob("metrics.jsonl.orphaned-*")
+    assert read_jsonl(aside)[:len(later)] == later  # moved, not deleted
+    reference = cli("runtime.daemon", *args, "--run-dir", str(tmp_path / "reference"),
+                    "--max-steps", str(steps))
+    assert reference.returncode == 0, reference.stderr
+    ours, theirs = records(run), records(tmp_path / "reference")
+    assert ours == theirs and len(ours) > 20
+    assert [r["episode"] for r in ours] == list(range(1, len(ours) + 1))
+    status = json.loads((run / "status.json").read_text())
+    assert status["games"] == len(ours) == \
+        json.loads((tmp_path / "reference" / "status.json").read_text())["games"]
+    summarize = load_tool("bench_learning").summarize
+    wall = ("run_dir", "wall_s", "steps_per_s")
+    summary = {k: v for k, v in summarize(run).items() if k not in wall}
+    assert summary == {k: v for k, v in summarize(tmp_path / "reference").items()
+                       if k not in wall}
+    assert summary["games"] == len(ours) and summary["steps"] == steps
+    assert _tensorboard_returns(run) == _tensorboard_returns(tmp_path / "reference")
+    assert_same_run_state(checkpoint_at(run, steps), checkpoint_at(tmp_path / "reference",
+                                                                   steps))
+
+
+def test_videos_of_games_begun_after_the_checkpoint_are_moved_aside(tmp_path: Path) -> None:
+    sets = ["log.video_every_episodes=1", "checkpoint.every_steps=300"]
+    run_in_process(tmp_path / "reference", "config.yaml", sets, 1000)
+    run_in_process(tmp_path / "run", "config.yaml", sets, 800)
+    (tmp_path / "run" / "checkpoints" / "ckpt-000000000800.pt").unlink()  # killed after 600
+    run_in_process(tmp_path / "run", "config.yaml", sets, 1000)
+
+    def names(directory: Path) -> list[str]:
+        return sorted(p.name for p in directory.glob("*.mp4"))
+
+    assert names(tmp_path / "run" / "videos") == names(tmp_path / "reference" / "videos")
+    (aside,) = (tmp_path / "run" / "videos").glob("orphaned-*")
+    assert names(aside) and all(int(n.split("-")[3][:9]) > 600 for n in names(aside))

@@ -29,6 +29,7 @@ from agent.learner import A2CLearner
 from runtime.cli import OneLineParser, UsageError
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore
 from runtime.daemon.config import Config, ConfigError, load_config, to_dict
+from runtime.daemon.history import VIDEO_NAME, set_aside_after
 from runtime.daemon.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, StreamFault
 from runtime.daemon.tensorboard import TensorBoardLog
 from runtime.files import write_atomic
@@ -143,10 +144,18 @@ class Daemon:
             log.info("no checkpoint in %s: starting fresh", self.store.directory)
         else:
             self._restore(*found)
+        try:
+            for line in set_aside_after(self.run_dir, self.counters.steps):
+                log.warning("%s", line)
+        except OSError as exc:
+            raise UsageError(f"run.dir: cannot set aside what was written after the "
+                             f"checkpoint ({exc})") from None
         self.tensorboard = None
         if self.config.log.tensorboard:
             try:
-                self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard")
+                # Events past the checkpoint are dropped by TensorBoard's readers.
+                self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard",
+                                                  purge_step=self.counters.steps + 1)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         resolved = yaml.safe_dump(to_dict(self.config), sort_keys=False)
@@ -282,7 +291,8 @@ class Daemon:
             return
         try:
             recorder = GameRecorder(self.run_dir / "videos")
-            recorder.start(f"game-{game + 1:06d}-step-{self.counters.steps:09d}")
+            recorder.start(VIDEO_NAME.format(game=game + 1, step=self.counters.steps)
+                           .removesuffix(".mp4"))
             loop.recorder = recorder
         except VideoError as exc:
             log.warning("cannot record video: %s", exc)
