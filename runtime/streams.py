@@ -24,7 +24,12 @@ _ATARI_ENTRY_POINT = "ale_py.env:AtariEnv"
 
 
 class StreamError(ValueError):
-    """A stream could not be created (bad id, bad kwargs, unsupported spaces)."""
+    """A stream could not be created (bad id, bad kwargs, unsupported spaces); `key` names
+    the env setting at fault ("id" or "kwargs")."""
+
+    def __init__(self, message: str, key: str = "id") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,7 @@ class GymStream:
         self._seed: int | None = seed  # consumed by the first reset only
         n = int(act_space.n)
         self.spec = StreamSpec(shape, dtype, n, tuple(str(a) for a in range(n)), 1, 1)
+        self.renders_frames = env.render_mode == "rgb_array"  # render_rgb() gives frames
         self._layers = self._state_layers()
         self.state_unavailable: str | None = None if isinstance(self._layers, list) \
             else self._layers
@@ -344,6 +350,7 @@ class AtariStream:
         )
         self._env_id = env.spec.id if env.spec is not None else type(unwrapped).__name__
         self.state_unavailable: str | None = None
+        self.renders_frames = True
 
     # -- emulator helpers -------------------------------------------------
     def _advance(self, action: int) -> tuple[float, bool]:
@@ -516,16 +523,18 @@ def _is_atari(spec: gym.envs.registration.EnvSpec) -> bool:
     return getattr(entry, "__module__", "") == "ale_py.env"
 
 
-def _make_env(env_id: str, kwargs: dict[str, Any]) -> gym.Env:
-    """gym.make with errors converted to one-line StreamErrors."""
+def _make_env(env_id: str, kwargs: dict[str, Any], user_kwargs: bool) -> gym.Env:
+    """gym.make with errors converted to one-line StreamErrors (blaming the user's kwargs
+    when there are any)."""
     try:
         return gym.make(env_id, **kwargs)
     except TypeError as exc:
         raise StreamError(
-            f"bad kwargs {sorted(kwargs)} for {env_id!r}: {_first_line(exc)}"
+            f"bad kwargs {sorted(kwargs)} for {env_id!r}: {_first_line(exc)}", "kwargs"
         ) from None
     except (gym.error.Error, RuntimeError, ValueError) as exc:  # e.g. ALE "Invalid game mode"
-        raise StreamError(f"cannot create environment {env_id!r}: {_first_line(exc)}") from None
+        raise StreamError(f"cannot create environment {env_id!r}: {_first_line(exc)}",
+                          "kwargs" if user_kwargs else "id") from None
 
 
 def make_stream(
@@ -545,10 +554,11 @@ def make_stream(
     user_kwargs = dict(env_kwargs or {})
     spec = _lookup_spec(env_id)
     if not _is_atari(spec):
-        return GymStream(_make_env(env_id, user_kwargs), seed=seed)
+        return GymStream(_make_env(env_id, user_kwargs, bool(user_kwargs)), seed=seed)
     opts = atari if atari is not None else AtariOptions()
     if "frameskip" in user_kwargs:
-        raise StreamError("set the Atari frame skip via AtariOptions.frame_skip, not 'frameskip'")
+        raise StreamError("set the Atari frame skip via AtariOptions.frame_skip, not 'frameskip'",
+                          "kwargs")
     kwargs: dict[str, Any] = {
         "frameskip": 1,
         "repeat_action_probability": opts.repeat_action_probability,
@@ -556,7 +566,7 @@ def make_stream(
         "full_action_space": False,
     }
     kwargs.update(user_kwargs)
-    env = _make_env(env_id, kwargs)
+    env = _make_env(env_id, kwargs, bool(user_kwargs))
     from ale_py.env import AtariEnv  # already imported by the registry lookup
 
     if not isinstance(env.unwrapped, AtariEnv):

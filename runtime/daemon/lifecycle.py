@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from agent.learner import A2CLearner
+from agent.networks import FrameTooSmall, resolve_network
 from runtime.cli import OneLineParser, UsageError
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore
 from runtime.daemon.config import Config, ConfigError, load_config, to_dict
@@ -35,7 +36,7 @@ from runtime.daemon.tensorboard import TensorBoardLog
 from runtime.files import write_atomic
 from runtime.metrics import MetricsLog, write_status
 from runtime.sdnotify import Notifier
-from runtime.streams import StreamError, open_stream
+from runtime.streams import AtariStream, StreamError, open_stream
 from runtime.video import GameRecorder, VideoError
 
 log = logging.getLogger("runtime.daemon")
@@ -128,13 +129,8 @@ class Daemon:
         try:
             self.stream = open_stream(self.config.env, stream_seed(self.config.seed, steps))
         except StreamError as exc:
-            raise UsageError(f"env.id: {exc}") from None
-        spec = self.stream.spec
-        try:
-            self.learner = A2CLearner(self.config.agent, spec.observation_shape,
-                                      spec.num_actions, seed=self.config.seed)
-        except ValueError as exc:
-            raise UsageError(f"agent.network: {exc}") from None
+            raise UsageError(f"env.{exc.key}: {exc}") from None
+        self._check_fits_stream()
         configure_torch(self.config, self.learner.network_name)
         if self.fresh:
             moved = self.store.move_aside()
@@ -161,6 +157,24 @@ class Daemon:
         resolved = yaml.safe_dump(to_dict(self.config), sort_keys=False)
         write_atomic(self.run_dir / "config.yaml", resolved.encode())
         log.info("resolved config:\n%s", resolved.rstrip())
+
+    def _check_fits_stream(self) -> None:
+        """What the config asks of the stream it made (UsageError naming the key)."""
+        spec, config = self.stream.spec, self.config
+        if config.log.video_every_episodes and not self.stream.renders_frames:
+            raise UsageError(f"log.video_every_episodes: {config.env.id} renders no frames "
+                             f"(set env.kwargs.render_mode=rgb_array, or 0)")
+        try:
+            self.learner = A2CLearner(config.agent, spec.observation_shape, spec.num_actions,
+                                      seed=config.seed)
+        except FrameTooSmall as exc:
+            key = "env.screen_size" if isinstance(self.stream, AtariStream) else "agent.network"
+            network = resolve_network(config.agent.network, spec.observation_shape)
+            raise UsageError(f"{key}: {exc.frame[0]}x{exc.frame[1]} frames are smaller than the "
+                             f"{exc.smallest}x{exc.smallest} the {network} network's "
+                             f"convolutions need") from None
+        except ValueError as exc:
+            raise UsageError(f"agent.network: {exc}") from None
 
     def _lock_run_dir(self) -> None:
         """One daemon per run directory: two would interleave checkpoints and metrics.
