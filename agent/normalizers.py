@@ -30,44 +30,47 @@ class RunningNorm(nn.Module):
         # float32 copies used by forward, derived from the float64 state after each change.
         self.register_buffer("mean32", torch.zeros(shape), persistent=False)
         self.register_buffer("inv_std32", torch.ones(shape), persistent=False)
-        self._previous: tuple[torch.Tensor, ...] | None = None  # the statistics before update
+        # The statistics before the last update: `update` writes the new ones into these
+        # spare tensors and swaps them in (the same arithmetic as in place, no copies), so
+        # `undo` takes a refused update's sample back by swapping again.
+        self._spare = {name: buffer.clone() for name, buffer in self._buffers.items()}
+        self._can_undo = False
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Add one sample (no batch axis). The statistics are rebound to new tensors rather
-        than changed in place (the same arithmetic), so `undo` can put the previous ones
-        back for free when the update that observed the sample is refused."""
+        """Add one sample (no batch axis)."""
         x = x.to(torch.float64)
-        buffers = self._buffers
-        self._previous = (buffers["count"], buffers["mean"], buffers["m2"],
-                          buffers["mean32"], buffers["inv_std32"])
-        count = buffers["count"] + 1
-        diff = x - buffers["mean"]
-        mean = buffers["mean"] + diff / count
-        buffers["m2"] = buffers["m2"] + diff * (x - mean)
-        buffers["count"], buffers["mean"] = count, mean
-        self._refresh()
+        old, new = self._buffers, self._spare
+        torch.add(old["count"], 1, out=new["count"])
+        diff = x - old["mean"]
+        torch.add(old["mean"], diff / new["count"], out=new["mean"])
+        torch.add(old["m2"], diff * (x - new["mean"]), out=new["m2"])
+        self._refresh(new)
+        self._swap()
+        self._can_undo = True
 
     @torch.no_grad()
     def undo(self) -> None:
         """Forget the last `update` (one level: only the newest sample can be taken back)."""
-        if self._previous is not None:
-            names = ("count", "mean", "m2", "mean32", "inv_std32")
-            self._buffers.update(zip(names, self._previous, strict=True))
-            self._previous = None
+        if self._can_undo:
+            self._swap()
+            self._can_undo = False
+
+    def _swap(self) -> None:
+        for name, spare in self._spare.items():
+            self._spare[name], self._buffers[name] = self._buffers[name], spare
 
     @torch.no_grad()
-    def _refresh(self) -> None:
-        buffers = self._buffers
-        n = int(buffers["count"])
-        var = buffers["m2"] / (n - 1) if n >= 2 else torch.ones_like(buffers["m2"])
-        buffers["mean32"] = buffers["mean"].to(torch.float32)
-        buffers["inv_std32"] = torch.rsqrt(var + self.eps).to(torch.float32)
+    def _refresh(self, stats: dict[str, torch.Tensor]) -> None:
+        n = int(stats["count"])
+        var = stats["m2"] / (n - 1) if n >= 2 else torch.ones_like(stats["m2"])
+        stats["mean32"].copy_(stats["mean"])
+        stats["inv_std32"].copy_(torch.rsqrt(var + self.eps))
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
-        self._previous = None
-        self._refresh()
+        self._can_undo = False
+        self._refresh(self._buffers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean32) * self.inv_std32
