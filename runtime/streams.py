@@ -83,6 +83,7 @@ class Stream(Protocol):
     """An endless environment stream; see the module docstring for semantics."""
 
     spec: StreamSpec
+    renders_frames: bool  # render_rgb() gives RGB frames (videos)
 
     def reset(self) -> np.ndarray: ...
 
