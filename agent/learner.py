@@ -83,6 +83,8 @@ class A2CLearner:
             # Adam(lambda): Adam steps along delta * z, z the trace of the gradients of
             # log pi + 2c V (what one-step A2C's loss differentiates to when lambda = 0).
             self.adam_trace = torch.zeros_like(self.net.flat) if config.lambda_ > 0 else None
+            self._next_adam_trace = torch.zeros_like(self.net.flat) if config.lambda_ > 0 \
+                else None  # built aside, adopted only when the step is taken
 
     # -- acting ------------------------------------------------------------------------
 
@@ -92,11 +94,26 @@ class A2CLearner:
         prepared = self._prepared
         if prepared is not None and prepared[0] is observation:
             return prepared[1]
+        if observation.dtype.kind == "f" and not np.isfinite(observation).all():
+            raise NonFiniteError("observation is not finite")  # before the statistics see it
         obs = _batch(observation)
         self.net.preprocess.observe(obs)
         inputs = self.net.preprocess(obs)
         self._prepared = (observation, inputs)
         return inputs
+
+    def has_seen(self, observation: np.ndarray) -> bool:
+        """True when `observation` already joined the running statistics (as the s' of the
+        last update) and the next act() on it will reuse its network input."""
+        return self._prepared is not None and self._prepared[0] is observation
+
+    def resume_on(self, observation: np.ndarray, seen: bool) -> None:
+        """After load_state_dict, the observation the agent stands on. When the saved
+        learner had seen it, its network input is rebuilt (same statistics, same values)
+        without counting it again, so the next act() computes what it would have."""
+        if seen:
+            with torch.no_grad():
+                self._prepared = (observation, self.net.preprocess(_batch(observation)))
 
     def forward(self, observation: np.ndarray) -> None:
         """The forward pass on s, with its graph, kept for the update on s."""
@@ -132,7 +149,21 @@ class A2CLearner:
     # -- learning ----------------------------------------------------------------------
 
     def update(self, t: Transition) -> dict[str, float]:
-        """One A2C update from one transition; returns its metrics."""
+        """One A2C update from one transition; returns its metrics. A NaN/Inf anywhere
+        (reward, observation, TD error, gradient, trace) raises NonFiniteError and leaves
+        the learner exactly as it was: everything is computed first, then committed."""
+        before = (self._pending, self._prepared, self._ahead)
+        try:
+            return self._update(t)
+        except NonFiniteError:
+            if self._prepared is not before[1]:
+                self.net.preprocess.undo_observe()  # s' joined the statistics in this update
+            self._pending, self._prepared, self._ahead = before
+            raise
+
+    def _update(self, t: Transition) -> dict[str, float]:
+        if not math.isfinite(t.reward):
+            raise NonFiniteError(f"reward {t.reward!r} is not finite")
         pending = self._pending
         self._pending = None
         if pending is not None and pending.observation is t.observation \
@@ -141,7 +172,7 @@ class A2CLearner:
         else:
             logits, value = self.net(_batch(t.observation))
         done = t.terminated or t.truncated
-        reward = self._transform_reward(t.reward, done)
+        reward, reward_statistics = self._transform_reward(t.reward, done)
         ahead, self._ahead = self._ahead, None
         if t.terminated:
             next_value = 0.0
@@ -153,7 +184,6 @@ class A2CLearner:
         delta = reward + self.config.gamma * next_value - value[0]
         delta_f = float(delta.detach())
         if not math.isfinite(delta_f):
-            # A NaN/Inf reward, observation or prediction: refuse before any weight changes.
             raise NonFiniteError(f"TD error is not finite (reward {t.reward!r})")
         log_probs = F.log_softmax(logits[0], dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum()
@@ -163,6 +193,9 @@ class A2CLearner:
         else:
             metrics = self._adam_step(delta_f, log_probs[t.action], entropy, value[0], beta,
                                       done)
+        # The step was taken: nothing can refuse the update any more.
+        if reward_statistics is not None:
+            self.reward_scaler.commit(reward_statistics)
         self.updates += 1
         entropy_f = float(entropy.detach())
         self._adapt_entropy_gain(entropy_f)
@@ -180,13 +213,15 @@ class A2CLearner:
         gain = self.entropy_gain + self.config.entropy_floor_rate * deficit
         self.entropy_gain = min(max(gain, 0.0), _MAX_ENTROPY_GAIN)
 
-    def _transform_reward(self, reward: float, done: bool) -> float:
+    def _transform_reward(self, reward: float, done: bool) -> tuple[float, Any]:
+        """The reward the update uses, and the reward scaler's statistics after it (to be
+        committed once the update is taken; None when the scaler is not used)."""
         mode = self.config.reward_transform
         if mode == "scale":
-            return self.reward_scaler(reward, done)
+            return self.reward_scaler.propose(reward, done)
         if mode == "clip":
-            return max(-1.0, min(1.0, reward))
-        return reward
+            return max(-1.0, min(1.0, reward)), None
+        return reward, None
 
     def _obgd_step(self, delta_f: float, log_prob: torch.Tensor, entropy: torch.Tensor,
                    value: torch.Tensor, beta: float, done: bool) -> dict[str, float]:
@@ -207,8 +242,12 @@ class A2CLearner:
             (policy_objective + value_objective).backward()
             pi_grad = net.flat_grad[:net.policy_flat.numel()]
             v_grad = net.flat_grad[net.policy_flat.numel():]
-        step_pi = self.policy_opt.step(delta_f, pi_grad, reset=done)
-        step_v = self.value_opt.step(delta_f, v_grad, reset=done)
+        # Both sides are checked before either steps: over the shared trunk a policy step
+        # taken before the value side refused would change what the value sees.
+        step_pi = self.policy_opt.prepare(delta_f, pi_grad)
+        step_v = self.value_opt.prepare(delta_f, v_grad)
+        self.policy_opt.commit(delta_f, step_pi, reset=done)
+        self.value_opt.commit(delta_f, step_v, reset=done)
         return {"td_error": delta_f, "actor_loss": -float(log_prob.detach()) * delta_f,
                 "critic_loss": delta_f * delta_f, "step_size_policy": step_pi,
                 "step_size_value": step_v}
@@ -230,26 +269,28 @@ class A2CLearner:
             (-(delta_u * traced + beta * entropy)).backward()
         else:
             # The entropy bonus joins the trace signed by delta (as in ObGD), so the one
-            # backward pass gives the whole per-step gradient.
+            # backward pass gives the whole per-step gradient. The new trace is built aside
+            # and adopted only once the step is known to be finite.
             sign = float(np.sign(delta_u))
             (-(traced + beta * sign * entropy)).backward()
-            trace.mul_(config.gamma * config.lambda_).add_(flat_grad)
-            torch.mul(trace, delta_u, out=flat_grad)
+            next_trace = self._next_adam_trace
+            torch.mul(trace, config.gamma * config.lambda_, out=next_trace).add_(flat_grad)
+            torch.mul(next_trace, delta_u, out=flat_grad)
         metrics = {"td_error": delta_f, "actor_loss": -float(log_prob.detach()) * delta_f,
                    "critic_loss": config.critic_coeff * delta_f * delta_f}
         norm = float(torch.linalg.vector_norm(flat_grad))
         if not math.isfinite(norm):
             flat_grad.zero_()
-            if trace is not None:
-                trace.zero_()
             raise NonFiniteError("gradient is not finite")
+        if trace is not None:
+            self.adam_trace, self._next_adam_trace = next_trace, trace
         max_norm = config.max_grad_norm
         if max_norm is not None and norm > max_norm:
             flat_grad.mul_(max_norm / (norm + 1e-6))  # as torch's clip_grad_norm_
         metrics["grad_norm"] = norm
         self.adam.step()
         if trace is not None and done:
-            trace.zero_()
+            self.adam_trace.zero_()
         return metrics
 
     def reset_traces(self) -> None:

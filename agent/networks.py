@@ -33,6 +33,11 @@ class Preprocess(nn.Module):
         if self.norm is not None:
             self.norm.update(self.scaled(obs)[0])
 
+    def undo_observe(self) -> None:
+        """Take the last observed observation back out of the statistics."""
+        if self.norm is not None:
+            self.norm.undo()
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = self.scaled(obs)
         return self.norm(x) if self.norm is not None else x
@@ -90,7 +95,28 @@ def _mlp_tower(inputs: int, hidden: int, out: int) -> nn.Sequential:
     )
 
 
+class FrameTooSmall(ValueError):
+    """Frames smaller than a network's convolutions can take."""
+
+    def __init__(self, frame: tuple[int, int], smallest: int) -> None:
+        super().__init__(f"frames of {frame[0]}x{frame[1]} are smaller than the "
+                         f"{smallest}x{smallest} the network's convolutions need")
+        self.frame, self.smallest = frame, smallest
+
+
+def min_frame_size(module: nn.Module) -> int:
+    """The smallest square frame the module's stack of convolutions leaves at least one
+    output pixel of (n_in = (n_out - 1) * stride + kernel, from the last layer back)."""
+    size = 1
+    for conv in reversed([m for m in module.modules() if isinstance(m, nn.Conv2d)]):
+        size = (size - 1) * conv.stride[0] + conv.kernel_size[0]
+    return size
+
+
 def _flat_size(module: nn.Module, shape: tuple[int, ...]) -> int:
+    smallest = min_frame_size(module)
+    if len(shape) == 3 and min(shape[1:]) < smallest:
+        raise FrameTooSmall((shape[1], shape[2]), smallest)
     with torch.no_grad():
         return int(module(torch.zeros(1, *shape)).shape[1])
 

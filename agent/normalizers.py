@@ -30,27 +30,47 @@ class RunningNorm(nn.Module):
         # float32 copies used by forward, derived from the float64 state after each change.
         self.register_buffer("mean32", torch.zeros(shape), persistent=False)
         self.register_buffer("inv_std32", torch.ones(shape), persistent=False)
+        # The statistics before the last update: `update` writes the new ones into these
+        # spare tensors and swaps them in (the same arithmetic as in place, no copies), so
+        # `undo` takes a refused update's sample back by swapping again.
+        self._spare = {name: buffer.clone() for name, buffer in self._buffers.items()}
+        self._can_undo = False
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Add one sample (no batch axis)."""
         x = x.to(torch.float64)
-        self.count += 1
-        diff = x - self.mean
-        self.mean += diff / self.count
-        self.m2 += diff * (x - self.mean)
-        self._refresh()
+        old, new = self._buffers, self._spare
+        torch.add(old["count"], 1, out=new["count"])
+        diff = x - old["mean"]
+        torch.add(old["mean"], diff / new["count"], out=new["mean"])
+        torch.add(old["m2"], diff * (x - new["mean"]), out=new["m2"])
+        self._refresh(new)
+        self._swap()
+        self._can_undo = True
 
     @torch.no_grad()
-    def _refresh(self) -> None:
-        n = int(self.count)
-        var = self.m2 / (n - 1) if n >= 2 else torch.ones_like(self.m2)
-        self.mean32.copy_(self.mean)
-        self.inv_std32.copy_(torch.rsqrt(var + self.eps))
+    def undo(self) -> None:
+        """Forget the last `update` (one level: only the newest sample can be taken back)."""
+        if self._can_undo:
+            self._swap()
+            self._can_undo = False
+
+    def _swap(self) -> None:
+        for name, spare in self._spare.items():
+            self._spare[name], self._buffers[name] = self._buffers[name], spare
+
+    @torch.no_grad()
+    def _refresh(self, stats: dict[str, torch.Tensor]) -> None:
+        n = int(stats["count"])
+        var = stats["m2"] / (n - 1) if n >= 2 else torch.ones_like(stats["m2"])
+        stats["mean32"].copy_(stats["mean"])
+        stats["inv_std32"].copy_(torch.rsqrt(var + self.eps))
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
-        self._refresh()
+        self._can_undo = False
+        self._refresh(self._buffers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean32) * self.inv_std32
@@ -72,19 +92,26 @@ class RewardScaler:
         self.m2 = 0.0
 
     def __call__(self, reward: float, done: bool) -> float:
+        scaled, statistics = self.propose(reward, done)
+        self.commit(statistics)
+        return scaled
+
+    def propose(self, reward: float, done: bool) -> tuple[float, tuple[float, int, float, float]]:
+        """The scaled reward and the statistics after it, without changing any: an update
+        that is refused later leaves the scaler as it was. Raises NonFiniteError."""
         trace = self.trace * self.gamma + reward
         count = self.count + 1
         diff = trace - self.mean
         mean = self.mean + diff / count
         m2 = self.m2 + diff * (trace - mean)
         if not math.isfinite(m2):
-            # One absurd reward would make every later reward scale to 0: refuse it and
-            # keep the statistics as they were.
+            # One absurd reward would make every later reward scale to 0: refuse it.
             raise NonFiniteError(f"reward {reward!r} overflows the reward statistics")
-        self.trace = 0.0 if done else trace
-        self.count, self.mean, self.m2 = count, mean, m2
         var = m2 / (count - 1) if count >= 2 else 1.0
-        return reward / (var + self.eps) ** 0.5
+        return reward / (var + self.eps) ** 0.5, (0.0 if done else trace, count, mean, m2)
+
+    def commit(self, statistics: tuple[float, int, float, float]) -> None:
+        self.trace, self.count, self.mean, self.m2 = statistics
 
     def state_dict(self) -> dict[str, float | int]:
         return {"trace": self.trace, "count": self.count, "mean": self.mean, "m2": self.m2}

@@ -32,27 +32,40 @@ class ObGD:
         self.decay = gamma * lambda_
         self.kappa = kappa
         self.trace = torch.zeros_like(flat_params)
+        self._next_trace = torch.zeros_like(flat_params)  # built aside until commit
 
     @torch.no_grad()
     def step(self, delta: float, grad: torch.Tensor, reset: bool) -> float:
         """Apply one update from the flat gradient; returns the effective step size.
         `reset` clears the trace after the update (episode end)."""
+        step_size = self.prepare(delta, grad)
+        self.commit(delta, step_size, reset)
+        return step_size
+
+    @torch.no_grad()
+    def prepare(self, delta: float, grad: torch.Tensor) -> float:
+        """Build the next trace aside and return the step size it allows; raises
+        NonFiniteError with the trace and the parameters untouched. Two optimisers over a
+        shared trunk both prepare before either commits, so neither steps when one refuses."""
+        next_trace = self._next_trace
         if self.decay == 0.0:
             # lambda = 0: the trace is exactly this step's gradient (pure one-step update).
-            self.trace.copy_(grad)
+            next_trace.copy_(grad)
         else:
-            self.trace.mul_(self.decay).add_(grad)
-        trace_l1 = float(self.trace.abs().sum())  # 5x faster than vector_norm(ord=1) here
+            torch.mul(self.trace, self.decay, out=next_trace).add_(grad)
+        trace_l1 = float(next_trace.abs().sum())  # 5x faster than vector_norm(ord=1) here
         if not math.isfinite(trace_l1):
-            # A NaN/Inf gradient: drop the poisoned trace and leave the parameters alone.
-            self.trace.zero_()
             raise NonFiniteError("eligibility trace is not finite")
         bound = self.lr * self.kappa * max(abs(delta), 1.0) * trace_l1
-        step_size = self.lr / bound if bound > 1.0 else self.lr
+        return self.lr / bound if bound > 1.0 else self.lr
+
+    @torch.no_grad()
+    def commit(self, delta: float, step_size: float, reset: bool) -> None:
+        """Adopt the prepared trace and step along it."""
+        self.trace, self._next_trace = self._next_trace, self.trace
         self.flat_params.add_(self.trace, alpha=-step_size * delta)
         if reset:
             self.trace.zero_()
-        return step_size
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"trace": self.trace.clone()}

@@ -60,6 +60,27 @@ class MetricsLog:
 
 
 
+def set_aside_records_after(path: Path, step: int, aside: Path) -> int:
+    """Move the records of games that ended after all-time step `step` from `path` to
+    `aside` (kept, not deleted) and return how many moved. A run that resumes from the
+    checkpoint at `step` replays those steps and writes their games again, so each game
+    stays in metrics.jsonl once. A torn or unparsable line goes with them (it was being
+    written after the newest checkpoint, or it is not a record)."""
+    if not path.exists():
+        return 0
+    kept, beyond = [], []
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            keep = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        (kept if keep else beyond).append(line)
+    if beyond:
+        write_atomic(aside, b"".join(beyond))  # first: a kill in between loses nothing
+        write_atomic(path, b"".join(kept))
+    return len(beyond)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All valid records; an unparsable line (a torn tail) is skipped. A `.gz` path is
     read through gzip (run logs kept in the repository are compressed)."""

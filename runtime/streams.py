@@ -24,7 +24,12 @@ _ATARI_ENTRY_POINT = "ale_py.env:AtariEnv"
 
 
 class StreamError(ValueError):
-    """A stream could not be created (bad id, bad kwargs, unsupported spaces)."""
+    """A stream could not be created (bad id, bad kwargs, unsupported spaces); `key` names
+    the env setting at fault ("id" or "kwargs")."""
+
+    def __init__(self, message: str, key: str = "id") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -78,12 +83,21 @@ class Stream(Protocol):
     """An endless environment stream; see the module docstring for semantics."""
 
     spec: StreamSpec
+    renders_frames: bool  # render_rgb() gives RGB frames (videos)
 
     def reset(self) -> np.ndarray: ...
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]: ...
 
     def close(self) -> None: ...
+
+    # Checkpoints: why the state cannot be captured (None when it can), and the state as
+    # plain data (bytes, numbers, strings, lists, dicts) that a restart puts back.
+    state_unavailable: str | None
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def area_resize_weights(n_in: int, n_out: int) -> np.ndarray:
@@ -123,6 +137,70 @@ def _banded(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return index, value
 
 
+def _pack(value: Any) -> Any:
+    """A numpy-holding attribute as plain data (arrays as bytes) for a checkpoint."""
+    if isinstance(value, np.ndarray):
+        return {"ndarray": value.dtype.str, "shape": list(value.shape), "data": value.tobytes()}
+    if isinstance(value, np.generic):
+        return {"scalar": value.dtype.str, "data": value.tobytes()}
+    if isinstance(value, tuple):
+        return {"tuple": [_pack(v) for v in value]}
+    if isinstance(value, list):
+        return [_pack(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise StreamError(f"cannot capture a {type(value).__name__} in the stream state")
+
+
+def _unpack(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "ndarray" in value:
+            flat = np.frombuffer(value["data"], dtype=np.dtype(value["ndarray"]))
+            return flat.reshape(value["shape"]).copy()
+        if "scalar" in value:
+            return np.frombuffer(value["data"], dtype=np.dtype(value["scalar"]))[0]
+        return tuple(_unpack(v) for v in value["tuple"])
+    if isinstance(value, list):
+        return [_unpack(v) for v in value]
+    return value
+
+
+def _new_generator(state: dict[str, Any]) -> np.random.Generator:
+    generator = np.random.Generator(getattr(np.random, state["bit_generator"])())
+    generator.bit_generator.state = state
+    return generator
+
+
+# Gymnasium environments whose whole changing state is known: these attributes of the
+# unwrapped env plus its np_random. Exact classes only (a subclass may keep more state).
+_ENV_STATE = {
+    "gymnasium.envs.classic_control.cartpole.CartPoleEnv": ("state", "steps_beyond_terminated"),
+    "gymnasium.envs.classic_control.acrobot.AcrobotEnv": ("state",),
+    "gymnasium.envs.classic_control.mountain_car.MountainCarEnv": ("state",),
+    "gymnasium.envs.toy_text.frozen_lake.FrozenLakeEnv": ("s", "lastaction"),
+    "gymnasium.envs.toy_text.cliffwalking.CliffWalkingEnv": ("s", "lastaction"),
+    "gymnasium.envs.toy_text.taxi.TaxiEnv": ("s", "lastaction", "taxi_orientation",
+                                             "fickle_step"),
+}
+# ... and of the wrappers gymnasium.make puts around them.
+_WRAPPER_STATE = {
+    "gymnasium.wrappers.common.TimeLimit": ("_elapsed_steps",),
+    "gymnasium.wrappers.common.OrderEnforcing": ("_has_reset",),
+    "gymnasium.wrappers.common.PassiveEnvChecker": (),
+}
+# The env checker only warns, once, on its first calls: it ran in the process that saved the
+# state, so a restored stream marks its checks as done (its step check needs a reset first).
+_RESTORED_AS = {
+    "gymnasium.wrappers.common.PassiveEnvChecker": {
+        "checked_reset": True, "checked_step": True, "checked_render": True,
+        "checked_data_reuse": True, "_previous_data": None},
+}
+
+
+def _qualified(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 class GymStream:
     """Adapter for any gymnasium env with a Discrete action space."""
 
@@ -151,6 +229,25 @@ class GymStream:
         self._seed: int | None = seed  # consumed by the first reset only
         n = int(act_space.n)
         self.spec = StreamSpec(shape, dtype, n, tuple(str(a) for a in range(n)), 1, 1)
+        self.renders_frames = env.render_mode == "rgb_array"  # render_rgb() gives frames
+        self._layers = self._state_layers()
+        self.state_unavailable: str | None = None if isinstance(self._layers, list) \
+            else self._layers
+
+    def _state_layers(self) -> list[tuple[Any, tuple[str, ...]]] | str:
+        """(object, attributes) of every layer of the env, outermost first; a string says
+        why the state cannot be captured."""
+        layers, layer = [], self._env
+        while isinstance(layer, gym.Wrapper):
+            name = _qualified(layer)
+            if name not in _WRAPPER_STATE:
+                return f"wrapper {name} has state this stream cannot capture"
+            layers.append((layer, _WRAPPER_STATE[name]))
+            layer = layer.env
+        name = _qualified(layer)
+        if name not in _ENV_STATE:
+            return f"{name} is not an environment whose state this stream can capture"
+        return [*layers, (layer, _ENV_STATE[name])]
 
     def _convert(self, obs: Any) -> np.ndarray:
         if self._one_hot:
@@ -171,6 +268,35 @@ class GymStream:
         info = dict(info)
         info["game_over"] = bool(terminated or truncated)
         return self._convert(obs), float(reward), bool(terminated), bool(truncated), info
+
+    def state_dict(self) -> dict[str, Any]:
+        """The env's state, its random generator and its wrappers' counters (plain data);
+        only when `state_unavailable` is None."""
+        if self.state_unavailable is not None:
+            raise StreamError(self.state_unavailable)
+        unwrapped = self._env.unwrapped
+        return {"kind": "gym", "env": _qualified(unwrapped), "seed_pending": self._seed,
+                "np_random": unwrapped.np_random.bit_generator.state,
+                "np_random_seed": unwrapped.np_random_seed,
+                "layers": [{a: _pack(getattr(obj, a)) for a in attributes}
+                           for obj, attributes in self._layers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a `state_dict`; raises StreamError if it belongs to another stream."""
+        if self.state_unavailable is not None:
+            raise StreamError(self.state_unavailable)
+        unwrapped = self._env.unwrapped
+        if state.get("kind") != "gym" or state.get("env") != _qualified(unwrapped) \
+                or len(state["layers"]) != len(self._layers):
+            raise StreamError(f"the saved stream state is not one of {_qualified(unwrapped)}")
+        for (obj, attributes), saved in zip(self._layers, state["layers"], strict=True):
+            for attribute in attributes:
+                setattr(obj, attribute, _unpack(saved[attribute]))
+            for attribute, value in _RESTORED_AS.get(_qualified(obj), {}).items():
+                setattr(obj, attribute, value)
+        unwrapped._np_random = _new_generator(state["np_random"])
+        unwrapped._np_random_seed = state["np_random_seed"]
+        self._seed = state["seed_pending"]
 
     def render_rgb(self) -> np.ndarray | None:
         """Current RGB frame if the env was made with render_mode='rgb_array'."""
@@ -223,6 +349,9 @@ class AtariStream:
         self.spec = StreamSpec(
             (stack, size, size), "uint8", len(self._actions), meanings, stack, opts.frame_skip
         )
+        self._env_id = env.spec.id if env.spec is not None else type(unwrapped).__name__
+        self.state_unavailable: str | None = None
+        self.renders_frames = True
 
     # -- emulator helpers -------------------------------------------------
     def _advance(self, action: int) -> tuple[float, bool]:
@@ -329,6 +458,29 @@ class AtariStream:
         terminated = game_terminated or self._life_lost_pending
         return self._stack.copy(), reward, terminated, truncated, info
 
+    def state_dict(self) -> dict[str, Any]:
+        """The emulator with its random generator (sticky actions), the frame stack, the
+        no-op generator and the life bookkeeping, as plain data."""
+        return {"kind": "ale", "env": self._env_id, "seed_pending": self._seed,
+                "ale": self._ale.cloneState(include_rng=True).serialize(),
+                "stack": self._stack.tobytes(), "noop_rng": self._rng.bit_generator.state,
+                "lives": self._lives, "life_lost_pending": self._life_lost_pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a `state_dict`; raises StreamError if it belongs to another stream."""
+        from ale_py import ALEState  # loaded with the environment already
+
+        if state.get("kind") != "ale" or state.get("env") != self._env_id \
+                or len(state["stack"]) != self._stack.nbytes:
+            raise StreamError(f"the saved stream state is not one of {self._env_id} with "
+                              f"{self._stack.shape} observations")
+        self._ale.restoreState(ALEState(state["ale"]))
+        self._stack[...] = np.frombuffer(state["stack"], np.uint8).reshape(self._stack.shape)
+        self._rng = _new_generator(state["noop_rng"])
+        self._lives = int(state["lives"])
+        self._life_lost_pending = bool(state["life_lost_pending"])
+        self._seed = state["seed_pending"]
+
     def render_rgb(self) -> np.ndarray | None:
         """Current full-resolution RGB screen (H, W, 3) uint8, for videos."""
         return self._ale.getScreenRGB()
@@ -372,16 +524,18 @@ def _is_atari(spec: gym.envs.registration.EnvSpec) -> bool:
     return getattr(entry, "__module__", "") == "ale_py.env"
 
 
-def _make_env(env_id: str, kwargs: dict[str, Any]) -> gym.Env:
-    """gym.make with errors converted to one-line StreamErrors."""
+def _make_env(env_id: str, kwargs: dict[str, Any], user_kwargs: bool) -> gym.Env:
+    """gym.make with errors converted to one-line StreamErrors (blaming the user's kwargs
+    when there are any)."""
     try:
         return gym.make(env_id, **kwargs)
     except TypeError as exc:
         raise StreamError(
-            f"bad kwargs {sorted(kwargs)} for {env_id!r}: {_first_line(exc)}"
+            f"bad kwargs {sorted(kwargs)} for {env_id!r}: {_first_line(exc)}", "kwargs"
         ) from None
     except (gym.error.Error, RuntimeError, ValueError) as exc:  # e.g. ALE "Invalid game mode"
-        raise StreamError(f"cannot create environment {env_id!r}: {_first_line(exc)}") from None
+        raise StreamError(f"cannot create environment {env_id!r}: {_first_line(exc)}",
+                          "kwargs" if user_kwargs else "id") from None
 
 
 def make_stream(
@@ -401,10 +555,11 @@ def make_stream(
     user_kwargs = dict(env_kwargs or {})
     spec = _lookup_spec(env_id)
     if not _is_atari(spec):
-        return GymStream(_make_env(env_id, user_kwargs), seed=seed)
+        return GymStream(_make_env(env_id, user_kwargs, bool(user_kwargs)), seed=seed)
     opts = atari if atari is not None else AtariOptions()
     if "frameskip" in user_kwargs:
-        raise StreamError("set the Atari frame skip via AtariOptions.frame_skip, not 'frameskip'")
+        raise StreamError("set the Atari frame skip via AtariOptions.frame_skip, not 'frameskip'",
+                          "kwargs")
     kwargs: dict[str, Any] = {
         "frameskip": 1,
         "repeat_action_probability": opts.repeat_action_probability,
@@ -412,7 +567,7 @@ def make_stream(
         "full_action_space": False,
     }
     kwargs.update(user_kwargs)
-    env = _make_env(env_id, kwargs)
+    env = _make_env(env_id, kwargs, bool(user_kwargs))
     from ale_py.env import AtariEnv  # already imported by the registry lookup
 
     if not isinstance(env.unwrapped, AtariEnv):

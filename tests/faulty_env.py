@@ -7,6 +7,7 @@ daemon recreating the stream after a failure.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -20,11 +21,12 @@ class FaultyCartPole(CartPoleEnv):
     def __init__(self, nan_obs_at: tuple[int, ...] = (), inf_reward_at: tuple[int, ...] = (),
                  huge_reward_at: tuple[int, ...] = (), raise_step_at: tuple[int, ...] = (),
                  raise_step_from: int | None = None, raise_reset_from: int | None = None,
-                 **kwargs: Any) -> None:
+                 step_seconds: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.nan_obs_at, self.inf_reward_at = set(nan_obs_at), set(inf_reward_at)
         self.huge_reward_at, self.raise_step_at = set(huge_reward_at), set(raise_step_at)
         self.raise_step_from, self.raise_reset_from = raise_step_from, raise_reset_from
+        self.step_seconds = step_seconds  # a slow sensor: each reading takes this long
 
     def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict]:
         CALLS["reset"] += 1
@@ -35,6 +37,7 @@ class FaultyCartPole(CartPoleEnv):
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
         CALLS["step"] += 1
         n = CALLS["step"]
+        time.sleep(self.step_seconds)
         if n in self.raise_step_at or (self.raise_step_from is not None
                                        and n >= self.raise_step_from):
             raise RuntimeError(f"sensor read failed at call {n} (injected)")

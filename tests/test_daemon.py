@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,23 @@ def test_first_signal_only_sets_the_flag_second_sigint_exits_at_once(monkeypatch
     assert flag.reason == "SIGINT" and exits == []
     flag._handle(signal.SIGINT, None)
     assert exits == [130]
+
+
+def test_a_real_second_sigint_exits_130_without_a_checkpoint(run_dir: Path) -> None:
+    """A sensor that takes 2 s per reading: the first Ctrl-C waits for the step to end, the
+    second one does not."""
+    proc = start_daemon(*_daemon(run_dir, "--set", "env.id=tests.faulty_env:FaultyCartPole-v0",
+                                 "--set", "env.kwargs={step_seconds: 2.0}"))
+    wait_for_status(run_dir, 1, timeout=120)  # learning, inside the next slow step now
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "second interrupt: exiting without a final checkpoint" in stderr
+    assert "stopping (SIGINT)" not in stderr
+    assert CheckpointStore(run_dir / "checkpoints", 3).paths() == []
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
 
 
 def test_sigint_stops_cleanly_with_a_final_checkpoint(run_dir: Path) -> None:

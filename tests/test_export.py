@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
-from runtime.infer import ModelError, Policy, check_fits
-from runtime.streams import make_stream
+from runtime.daemon.config import EnvConfig, from_dict
+from runtime.infer import ModelError, Policy, check_fits, make_stream_from_metadata
+from runtime.streams import make_stream, open_stream
 from tests.conftest import CARTPOLE, ROOT, _env, cli, load_tool
 
 EXPORT = ROOT / "tools" / "export_onnx.py"
@@ -126,6 +127,53 @@ def test_metadata_round_trips(breakout: dict) -> None:
                 "terminal_on_life_loss", "repeat_action_probability"):
         assert meta[key] == env[key], key
     assert meta["env_kwargs"] == env["kwargs"]
+
+
+# Every preprocessing option away from its default, so a dropped or misread one shows.
+CUSTOM = {"repeat_action_probability": 0.25, "terminal_on_life_loss": False,
+          "kwargs": {"mode": 4, "difficulty": 1}, "frame_stack": 3, "frame_skip": 3,
+          "screen_size": 64, "noop_max": 12}
+
+
+@pytest.fixture(scope="module")
+def breakout_custom(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("breakout-custom")
+    sets = [f"env.{key}={json.dumps(value)}" for key, value in CUSTOM.items()]
+    ckpt = _train(base / "run", 60, *sum((["--set", s] for s in sets), []))
+    out = base / "custom.onnx"
+    done = _export("--checkpoint", str(ckpt), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return {"checkpoint": ckpt, "model": out}
+
+
+def test_metadata_round_trips_non_default_settings(breakout_custom: dict) -> None:
+    payload = read_checkpoint(breakout_custom["checkpoint"])
+    meta = Policy.load(breakout_custom["model"]).metadata
+    env = payload["config"]["env"]
+    defaults = EnvConfig()
+    for key, value in CUSTOM.items():
+        assert getattr(defaults, key) != value, key  # really not the default
+        assert env[key] == value, key
+        assert meta["env_kwargs" if key == "kwargs" else key] == value, key
+    assert list(meta["observation_shape"]) == [3, 64, 64]
+    # The stream rebuilt from the metadata alone is the training stream: on the same seed
+    # (sticky actions draw from it) it hands out the same frames, rewards and ends.
+    rebuilt = make_stream_from_metadata(meta, seed=5)
+    training = open_stream(from_dict(payload["config"]).env, 5)
+    steps = []
+    for stream in (rebuilt, training):
+        actions = iter(np.random.default_rng(6).integers(4, size=600))
+        frames = [stream.reset().tobytes()]
+        for action in actions:
+            obs, reward, terminated, truncated, info = stream.step(int(action))
+            frames.append((obs.tobytes(), reward, terminated, truncated, info["lives"]))
+            if terminated or truncated:
+                frames.append(stream.reset().tobytes())
+        steps.append(frames)
+        stream.close()
+    assert steps[0] == steps[1]
+    assert any(f[4] < 5 for f in steps[0] if isinstance(f, tuple))  # lives were lost...
+    assert not any(f[2] and f[4] > 0 for f in steps[0] if isinstance(f, tuple))  # ...not ends
 
 
 def test_infer_cli_plays_breakout(breakout: dict) -> None:
@@ -252,21 +300,24 @@ def test_sampled_actions_follow_the_logits(cartpole: dict) -> None:
         policy.act(np.zeros(5, dtype=np.float32))
 
 
-def test_int8_is_kept_only_when_it_agrees(cartpole: dict, tmp_path: Path) -> None:
+def test_int8_agrees_with_the_float_model(cartpole: dict, tmp_path: Path) -> None:
     out = tmp_path / "cp.onnx"
     done = _export("--checkpoint", str(cartpole["checkpoint"]), "--out", str(out),
                    "--quantize", "int8")
     assert done.returncode == 0, done.stderr
     int8 = json.loads(done.stdout)["int8"]
     path = tmp_path / "cp.int8.onnx"
-    assert int8["path"] == str(path)
-    assert int8["kept"] == (int8["action_agreement"] >= 0.97) == path.exists()
-    assert Policy.load(out).metadata["num_actions"] == 2  # the float model stays valid
-    if path.exists():
-        assert int8["size_bytes"] == path.stat().st_size < out.stat().st_size
-        assert Policy.load(path).metadata["env_id"] == "CartPole-v1"
-    else:
-        assert "97%" in int8["reason"]
+    assert int8["path"] == str(path) and int8["kept"]
+    assert int8["action_agreement"] >= 0.97 and int8["held_out_frames"] == 256
+    assert int8["size_bytes"] == path.stat().st_size < out.stat().st_size
+    # Measured again here, on 256 frames of another seed the exporter never saw.
+    float_policy, int8_policy = Policy.load(out), Policy.load(path)
+    frames = ex.stream_frames(float_policy.metadata, 256, seed=21)
+    agreement = float(np.mean(float_policy.logits(frames).argmax(axis=-1)
+                              == int8_policy.logits(frames).argmax(axis=-1)))
+    assert agreement >= 0.97, agreement
+    assert int8_policy.metadata["env_id"] == "CartPole-v1"
+    assert float_policy.metadata["num_actions"] == 2  # the float model stays valid
 
 
 def test_record_writes_one_video_per_game(breakout: dict, tmp_path: Path) -> None:

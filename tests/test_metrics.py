@@ -6,7 +6,13 @@ import gzip
 import json
 from pathlib import Path
 
-from runtime.metrics import MetricsLog, metrics_path, read_jsonl, repair_jsonl
+from runtime.metrics import (
+    MetricsLog,
+    metrics_path,
+    read_jsonl,
+    repair_jsonl,
+    set_aside_records_after,
+)
 
 
 def test_torn_last_line_is_cut_on_open(tmp_path: Path) -> None:
@@ -39,3 +45,14 @@ def test_compressed_run_logs_read_like_plain_ones(tmp_path: Path) -> None:
     assert [r["step"] for r in read_jsonl(metrics_path(tmp_path))] == [0, 1, 2]
     (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n")
     assert metrics_path(tmp_path) == tmp_path / "metrics.jsonl"  # a live run wins
+
+
+def test_records_after_the_resumed_checkpoint_are_moved_aside_not_deleted(
+        tmp_path: Path) -> None:
+    path, aside = tmp_path / "metrics.jsonl", tmp_path / "metrics.jsonl.orphaned-x"
+    path.write_text('{"step": 90}\n{"step": 100}\n{"step": 130}\n{"step": 170}\n{"step": 1')
+    assert set_aside_records_after(path, 100, aside) == 3
+    assert [r["step"] for r in read_jsonl(path)] == [90, 100]
+    assert aside.read_text() == '{"step": 130}\n{"step": 170}\n{"step": 1'  # torn line too
+    assert set_aside_records_after(path, 100, tmp_path / "again") == 0
+    assert not (tmp_path / "again").exists()

@@ -241,6 +241,7 @@ def test_streams_module_does_not_import_torch(tmp_path: pathlib.Path) -> None:
         s.reset()
         obs, *_ = s.step(1)
         assert obs.shape == (4, 84, 84)
+        s.load_state_dict(s.state_dict())
         assert "torch" not in sys.modules, "torch was imported"
         print("ok")
         """
@@ -257,3 +258,99 @@ def test_streams_module_does_not_import_torch(tmp_path: pathlib.Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
+
+
+# -- state capture: a stream restored from its state_dict goes on exactly as the original ----
+
+
+def _trajectory(stream: Stream, actions: np.ndarray) -> list[tuple]:
+    """Everything the stream hands out for these actions, resets included."""
+    out = []
+    for action in actions:
+        obs, reward, terminated, truncated, info = stream.step(int(action))
+        out.append((obs.tobytes(), reward, terminated, truncated, info["game_over"]))
+        if terminated or truncated:
+            out.append((stream.reset().tobytes(),))
+    return out
+
+
+def _through_a_checkpoint(state: dict) -> dict:
+    """The state as a checkpoint stores it: torch.save, then a weights_only load."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _play_to(stream: Stream, rng: np.random.Generator, steps: int,
+             stop_on_life_loss: bool = False) -> None:
+    stream.reset()
+    for _ in range(steps):
+        _, _, terminated, truncated, info = stream.step(int(rng.integers(stream.spec.num_actions)))
+        if terminated and stop_on_life_loss and not info["game_over"]:
+            return  # the life-loss reset is still pending
+        if terminated or truncated:
+            stream.reset()
+
+
+@pytest.mark.parametrize(("options", "steps", "at_life_loss"), [
+    (AtariOptions(repeat_action_probability=0.25), 700, False),
+    (AtariOptions(), 300, True),
+    (AtariOptions(frame_stack=2, terminal_on_life_loss=False, noop_max=5), 900, False),
+], ids=["sticky-mid-game", "at-a-pending-life-loss", "stack-2-whole-games"])
+def test_atari_stream_restored_from_its_state_goes_on_identically(
+        options: AtariOptions, steps: int, at_life_loss: bool) -> None:
+    rng = np.random.default_rng(4)
+    original = make_stream(BREAKOUT, seed=4, atari=options)
+    _play_to(original, rng, steps, stop_on_life_loss=at_life_loss)
+    assert original._life_lost_pending == at_life_loss
+    state = _through_a_checkpoint(original.state_dict())
+    actions = rng.integers(4, size=2500)
+    expected = _trajectory(original, actions)
+    restored = make_stream(BREAKOUT, seed=99, atari=options)  # another seed: state wins
+    restored.load_state_dict(state)
+    assert _trajectory(restored, actions) == expected
+    assert sum(len(t) > 1 and t[4] for t in expected) >= 2  # whole new games were started
+
+
+@pytest.mark.parametrize(("env_id", "kwargs", "resets"), [
+    ("CartPole-v1", {}, 1), ("Acrobot-v1", {}, 0), ("MountainCar-v0", {}, 1),
+    ("FrozenLake-v1", {}, 1), ("CliffWalking-v1", {"is_slippery": True}, 0),
+    ("Taxi-v4", {"is_rainy": True, "fickle_passenger": True}, 1)])
+def test_gym_stream_restored_from_its_state_goes_on_identically(env_id: str, kwargs: dict,
+                                                                resets: int) -> None:
+    rng = np.random.default_rng(1)
+    original = make_stream(env_id, kwargs, seed=1)
+    assert original.state_unavailable is None
+    _play_to(original, rng, 150)
+    state = _through_a_checkpoint(original.state_dict())
+    actions = rng.integers(original.spec.num_actions, size=600)
+    expected = _trajectory(original, actions)
+    restored = make_stream(env_id, kwargs, seed=7)
+    restored.load_state_dict(state)
+    assert _trajectory(restored, actions) == expected
+    assert sum(len(t) == 1 for t in expected) >= resets  # new episodes from the restored RNG
+
+
+def test_stream_state_is_refused_by_another_stream_and_unknown_envs_say_why() -> None:
+    cartpole = make_stream("CartPole-v1", seed=0)
+    cartpole.reset()
+    with pytest.raises(StreamError, match="not one of"):
+        make_stream("Acrobot-v1").load_state_dict(cartpole.state_dict())
+    breakout = make_stream(BREAKOUT, seed=0)
+    breakout.reset()
+    with pytest.raises(StreamError, match="not one of"):
+        make_stream("ALE/Pong-v5").load_state_dict(breakout.state_dict())
+    with pytest.raises(StreamError, match="not one of"):
+        make_stream(BREAKOUT, atari=AtariOptions(frame_stack=2)).load_state_dict(
+            breakout.state_dict())
+    import tests.faulty_env  # noqa: F401  (registers FaultyCartPole-v0)
+
+    subclass = make_stream("FaultyCartPole-v0")
+    assert "FaultyCartPole is not an environment whose state" in subclass.state_unavailable
+    with pytest.raises(StreamError, match="FaultyCartPole"):
+        subclass.state_dict()

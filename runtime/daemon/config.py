@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from agent.config import AgentConfig, at_least, option
+from agent.config import AgentConfig, at_least, option, within
 
 
 class ConfigError(ValueError):
@@ -29,8 +29,9 @@ class EnvConfig:
     kwargs: dict = option({}, "Keyword arguments passed to gymnasium.make.")
     frame_skip: int = option(4, "Atari: emulator frames per agent step (max-pool of last two).",
                              at_least(1))
-    screen_size: int = option(84, "Atari: frames are resized to screen_size^2 grayscale.",
-                              at_least(8))
+    screen_size: int = option(84, "Atari: frames are resized to screen_size^2 grayscale "
+                              "(at most the ALE's 210 rows; larger would only upsample).",
+                              within(8, 210))
     frame_stack: int = option(4, "Atari: frames stacked into one observation.", at_least(1))
     noop_max: int = option(30, "Atari: up to this many no-ops at the start of a game.",
                            at_least(0))
@@ -39,6 +40,18 @@ class EnvConfig:
     repeat_action_probability: float = option(0.0, "Atari: sticky-action probability "
                                               "(0.25 is the modern ALE protocol).",
                                               lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Keyword arguments that would fight the stream's own settings."""
+        own = {"frameskip": "env.frame_skip",
+               "repeat_action_probability": "env.repeat_action_probability"}
+        for name, setting in own.items():
+            if name in self.kwargs:
+                return [("kwargs", f"{name}: set {setting} instead")]
+        if self.kwargs.get("render_mode") not in (None, "rgb_array"):
+            return [("kwargs", f"render_mode {self.kwargs['render_mode']!r}: the daemon is "
+                               f"headless (rgb_array or none)")]
+        return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +63,12 @@ class CheckpointConfig:
     every_seconds: float | None = option(600.0, "Write a checkpoint every N seconds; null = "
                                          "only by steps.", at_least(1, allow_none=True))
     keep: int = option(3, "How many of the newest checkpoints to keep.", at_least(1))
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.every_steps is None and self.every_seconds is None:
+            return [("every_steps", "null together with checkpoint.every_seconds: nothing "
+                                    "would be saved until the daemon stops; set one of them")]
+        return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +144,12 @@ class FaultConfig:
     stream_backoff_max_seconds: float = option(60.0, "Longest wait between stream "
                                                "recreation attempts.", at_least(0.0))
 
+    def problems(self) -> list[tuple[str, str]]:
+        if self.stream_backoff_max_seconds < self.stream_backoff_seconds:
+            return [("stream_backoff_max_seconds", f"must be >= faults.stream_backoff_seconds "
+                                                   f"({self.stream_backoff_seconds})")]
+        return []
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -138,7 +163,7 @@ class Config:
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     seed: int = option(0, "Seed of the network initialisation, the actions and the stream.",
-                       at_least(0))
+                       within(0, 2**32 - 1))
 
 
 def _yaml_name(field: dataclasses.Field) -> str:

@@ -21,20 +21,23 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from agent.learner import A2CLearner
+from agent.networks import FrameTooSmall, resolve_network
 from runtime.cli import OneLineParser, UsageError
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore
 from runtime.daemon.config import Config, ConfigError, load_config, to_dict
+from runtime.daemon.history import VIDEO_NAME, set_aside_after
 from runtime.daemon.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, StreamFault
 from runtime.daemon.publish import Publisher, export_key
 from runtime.daemon.tensorboard import TensorBoardLog
 from runtime.files import write_atomic
 from runtime.metrics import MetricsLog, write_status
 from runtime.sdnotify import Notifier
-from runtime.streams import StreamError, open_stream
+from runtime.streams import AtariStream, StreamError, open_stream
 from runtime.video import GameRecorder, VideoError
 
 log = logging.getLogger("runtime.daemon")
@@ -104,6 +107,10 @@ class Daemon:
         self.fresh = fresh
         self.notifier = Notifier()
         self.stream_failures = 0  # consecutive; reset by every good step
+        self.loop: ActingLoop | None = None
+        # The saved position in the stream when resuming (None: a new run).
+        self.resume_state: dict[str, Any] | None = None
+        self._log_handlers: list[logging.Handler] = []
 
     # -- start -------------------------------------------------------------------------
 
@@ -118,30 +125,60 @@ class Daemon:
             raise UsageError(f"run.dir: cannot write to {self.run_dir} ({exc.strerror})") from None
         key = export_key(self.config)
         self._lock_run_dir()
-        setup_logging(self.config, self.run_dir / "daemon.log")
+        self._log_handlers = setup_logging(self.config, self.run_dir / "daemon.log")
+        found = None if self.fresh else self._newest_checkpoint()
+        steps = int(found[0].get("counters", {}).get("steps", 0)) if found else 0
         try:
-            self.stream = open_stream(self.config.env, self.config.seed)
+            self.stream = open_stream(self.config.env, stream_seed(self.config.seed, steps))
         except StreamError as exc:
-            raise UsageError(f"env.id: {exc}") from None
-        spec = self.stream.spec
-        try:
-            self.learner = A2CLearner(self.config.agent, spec.observation_shape,
-                                      spec.num_actions, seed=self.config.seed)
-        except ValueError as exc:
-            raise UsageError(f"agent.network: {exc}") from None
+            raise UsageError(f"env.{exc.key}: {exc}") from None
+        self._check_fits_stream()
         configure_torch(self.config, self.learner.network_name)
-        self._restore()
+        if self.fresh:
+            moved = self.store.move_aside()
+            if moved is not None:
+                log.info("--fresh: previous checkpoints moved to %s", moved)
+        elif found is None:
+            log.info("no checkpoint in %s: starting fresh", self.store.directory)
+        else:
+            self._restore(*found)
+        try:
+            for line in set_aside_after(self.run_dir, self.counters.steps):
+                log.warning("%s", line)
+        except OSError as exc:
+            raise UsageError(f"run.dir: cannot set aside what was written after the "
+                             f"checkpoint ({exc})") from None
         self.publisher = Publisher(self.config, self.run_dir, self.learner, self._spec(),
                                    self.counters, fresh=self.fresh, key=key)
         self.tensorboard = None
         if self.config.log.tensorboard:
             try:
-                self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard")
+                # Events past the checkpoint are dropped by TensorBoard's readers.
+                self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard",
+                                                  purge_step=self.counters.steps + 1)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         resolved = yaml.safe_dump(to_dict(self.config), sort_keys=False)
         write_atomic(self.run_dir / "config.yaml", resolved.encode())
         log.info("resolved config:\n%s", resolved.rstrip())
+
+    def _check_fits_stream(self) -> None:
+        """What the config asks of the stream it made (UsageError naming the key)."""
+        spec, config = self.stream.spec, self.config
+        if config.log.video_every_episodes and not self.stream.renders_frames:
+            raise UsageError(f"log.video_every_episodes: {config.env.id} renders no frames "
+                             f"(set env.kwargs.render_mode=rgb_array, or 0)")
+        try:
+            self.learner = A2CLearner(config.agent, spec.observation_shape, spec.num_actions,
+                                      seed=config.seed)
+        except FrameTooSmall as exc:
+            key = "env.screen_size" if isinstance(self.stream, AtariStream) else "agent.network"
+            network = resolve_network(config.agent.network, spec.observation_shape)
+            raise UsageError(f"{key}: {exc.frame[0]}x{exc.frame[1]} frames are smaller than the "
+                             f"{exc.smallest}x{exc.smallest} the {network} network's "
+                             f"convolutions need") from None
+        except ValueError as exc:
+            raise UsageError(f"agent.network: {exc}") from None
 
     def _lock_run_dir(self) -> None:
         """One daemon per run directory: two would interleave checkpoints and metrics.
@@ -165,20 +202,14 @@ class Daemon:
                 "observation_dtype": spec.observation_dtype, "num_actions": spec.num_actions,
                 "env_id": self.config.env.id}
 
-    def _restore(self) -> None:
-        if self.fresh:
-            moved = self.store.move_aside()
-            if moved is not None:
-                log.info("--fresh: previous checkpoints moved to %s", moved)
-            return
+    def _newest_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
+        """Read before the stream is made: a resumed run seeds its stream differently."""
         try:
-            found = self.store.load_latest()
+            return self.store.load_latest()
         except CheckpointError as exc:
             raise UsageError(str(exc)) from None
-        if found is None:
-            log.info("no checkpoint in %s: starting fresh", self.store.directory)
-            return
-        payload, path = found
+
+    def _restore(self, payload: dict[str, Any], path: Path) -> None:
         mine, theirs = self._spec(), payload.get("spec", {})
         for key in ("network", "optimizer", "observation_shape", "num_actions"):
             if theirs.get(key) != mine[key]:
@@ -191,6 +222,9 @@ class Daemon:
             raise UsageError(f"checkpoint {path} does not fit this learner: {exc}") from None
         self.counters = Counters.from_dict(payload["counters"])
         self.last_checkpoint_step = self.counters.steps
+        self.resume_state = payload.get("loop") or {
+            "stream_unavailable": "the checkpoint holds no position in the stream (written "
+                                  "before streams were checkpointed)"}
         log.info("resumed from %s at step %d", path, self.counters.steps)
 
     # -- run ---------------------------------------------------------------------------
@@ -198,11 +232,13 @@ class Daemon:
     def run(self) -> int:
         """Learn until a signal or run.max_steps; final checkpoint; returns the exit code."""
         cfg = self.config
-        loop = ActingLoop(self.learner, self.stream, self.counters,
-                          rollback_on_nonfinite=cfg.faults.on_nonfinite == "rollback",
-                          overlap=cfg.run.overlap_stream)
+        loop = self.loop = ActingLoop(
+            self.learner, self.stream, self.counters,
+            rollback_on_nonfinite=cfg.faults.on_nonfinite == "rollback",
+            overlap=cfg.run.overlap_stream, resume=self.resume_state)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         progress = Progress(self, sys.stderr.isatty())
+        self._report_resume(loop, progress)
         max_steps = cfg.run.max_steps
         every_steps = cfg.checkpoint.every_steps
         every_seconds = cfg.checkpoint.every_seconds
@@ -252,6 +288,18 @@ class Daemon:
             self.stream.close()
             self.stop.restore()
 
+    def _report_resume(self, loop: ActingLoop, progress: Progress) -> None:
+        if self.resume_state is None:
+            return
+        steps = self.counters.steps
+        if loop.cut is None:
+            log.info("step %d: the episode in progress goes on exactly where it stopped "
+                     "(the stream's state was restored)", steps)
+            return
+        log.warning("step %d: a new episode, traces reset: the stream's state could not be "
+                    "restored (%s)", steps, loop.cut)
+        progress.restart_note = f"step {steps}: a new episode after the restart ({loop.cut})"
+
     def _film_next_game(self, loop: ActingLoop, game: int) -> None:
         """log.video_every_episodes: film the game after every Nth one (never fatal)."""
         every = self.config.log.video_every_episodes
@@ -263,7 +311,8 @@ class Daemon:
             return
         try:
             recorder = GameRecorder(self.run_dir / "videos")
-            recorder.start(f"game-{game + 1:06d}-step-{self.counters.steps:09d}")
+            recorder.start(VIDEO_NAME.format(game=game + 1, step=self.counters.steps)
+                           .removesuffix(".mp4"))
             loop.recorder = recorder
         except VideoError as exc:
             log.warning("cannot record video: %s", exc)
@@ -283,7 +332,7 @@ class Daemon:
     def _give_up(self, progress: Progress) -> int:
         log.error("the stream failed %d times in a row: giving up after a final checkpoint",
                   self.config.faults.stream_max_failures)
-        self.checkpoint()
+        self.checkpoint(stream_usable=False)
         progress.tick(time.monotonic(), "failed", force=True)
         return 3
 
@@ -311,7 +360,8 @@ class Daemon:
             except Exception:  # noqa: BLE001, S110 - a broken stream may fail to close too
                 pass
             try:
-                self.stream = open_stream(self.config.env, self.config.seed + self.counters.steps)
+                self.stream = open_stream(self.config.env,
+                                          stream_seed(self.config.seed, self.counters.steps))
                 self.learner.reset_traces()
                 loop.attach(self.stream)
                 return True
@@ -330,15 +380,21 @@ class Daemon:
             return
         payload, path = found
         self.learner.load_state_dict(payload["learner"])
+        # The stream has moved on since that checkpoint: its traces belong to another
+        # stretch of the episode, and credit must not flow across the cut.
+        self.learner.reset_traces()
         log.warning("rolled back the learner to %s after %s", path.name, why)
 
-    def checkpoint(self) -> bool:
-        """Write a checkpoint; a disk fault is logged and counted, never fatal here."""
+    def checkpoint(self, stream_usable: bool = True) -> bool:
+        """Write a checkpoint; a disk fault is logged and counted, never fatal here. It holds
+        the learner and where the agent stands in its stream, so a restart goes on exactly
+        from here."""
         if not self.learner.parameters_finite():
             self.rollback("non-finite parameters found before a checkpoint")
             return False
+        loop = self.loop.state_dict(stream_usable) if self.loop is not None else None
         payload = {"learner": self.learner.state_dict(), "counters": self.counters.as_dict(),
-                   "config": to_dict(self.config), "spec": self._spec(),
+                   "loop": loop, "config": to_dict(self.config), "spec": self._spec(),
                    "created_at": time.time()}
         try:
             path = self.store.save(payload, self.counters.steps)
@@ -352,12 +408,39 @@ class Daemon:
         return True
 
 
+    def release(self) -> None:
+        """Give back the run directory's lock and the log handlers (for a next start in the
+        same process)."""
+        root = logging.getLogger()
+        for handler in self._log_handlers:
+            root.removeHandler(handler)
+            handler.close()
+        self._log_handlers = []
+        stream = getattr(self, "stream", None)
+        if stream is not None and self.loop is None:  # run() closes the one it used
+            stream.close()
+        lock = getattr(self, "_lock_file", None)
+        if lock is not None:
+            lock.close()
+            self._lock_file = None
+
+
+def stream_seed(seed: int, steps: int) -> int:
+    """The stream's seed for a start at all-time step `steps`: `seed` for a new run, else
+    one derived from both, so that a restart that cannot restore the stream's state does
+    not replay the episode starts of the first run."""
+    if steps == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, steps]).generate_state(1)[0])
+
+
 class Progress:
     """status.json, the live terminal line, periodic summary lines, game records."""
 
     def __init__(self, daemon: Daemon, live: bool) -> None:
         self.daemon = daemon
         self.live = live
+        self.restart_note: str | None = None  # said in the next game record
         self.started = time.time()
         self.last_time = time.monotonic()
         self.last_steps = daemon.counters.steps
@@ -368,10 +451,13 @@ class Progress:
 
     def game_record(self, summary: GameSummary) -> dict[str, Any]:
         self.recent_returns = (self.recent_returns + [summary.game_return])[-100:]
-        return {"step": summary.step, "episode": summary.game, "return": summary.game_return,
-                "length": summary.length, "time": round(time.time(), 3),
-                "steps_per_s": round(self.steps_per_s, 1),
-                **{k: round(v, 6) for k, v in summary.means.items()}}
+        record = {"step": summary.step, "episode": summary.game, "return": summary.game_return,
+                  "length": summary.length, "time": round(time.time(), 3),
+                  "steps_per_s": round(self.steps_per_s, 1),
+                  **{k: round(v, 6) for k, v in summary.means.items()}}
+        if self.restart_note is not None:
+            record["restarted"], self.restart_note = self.restart_note, None
+        return record
 
     def tick(self, now: float, state: str, force: bool = False) -> None:
         if now > self.last_time + 0.5:
@@ -421,28 +507,35 @@ def memory_mb() -> dict[str, float]:
     return {"rss_mb": round(rss, 1), "peak_rss_mb": round(peak, 1)}
 
 
-def setup_logging(config: Config, log_file: Path) -> None:
+def setup_logging(config: Config, log_file: Path) -> list[logging.Handler]:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(config.log.level)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)):
+    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
+    for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
+    return handlers
 
 
 def main(argv: list[str] | None = None) -> int:
+    daemon = None
     try:
         args = parse_args(argv)
         daemon = Daemon(resolve_config(args), fresh=args.fresh)
         daemon.prepare()
     except (UsageError, ConfigError) as exc:
         print(f"daemon: error: {exc}", file=sys.stderr)
+        if daemon is not None:
+            daemon.release()
         return 2
     try:
         return daemon.run()
     except Exception:
         log.exception("fatal error at step %d", daemon.counters.steps)
         return 1
+    finally:
+        daemon.release()
 
 
 if __name__ == "__main__":

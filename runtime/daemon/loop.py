@@ -11,13 +11,14 @@ import math
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from agent.learner import A2CLearner, Transition
 from agent.optimizers import NonFiniteError
-from runtime.streams import Stream
+from runtime.streams import Stream, StreamError
 from runtime.video import GameRecorder, VideoError
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class ActingLoop:
     """
 
     def __init__(self, learner: A2CLearner, stream: Stream, counters: Counters,
-                 rollback_on_nonfinite: bool = False, overlap: bool = False) -> None:
+                 rollback_on_nonfinite: bool = False, overlap: bool = False,
+                 resume: dict[str, Any] | None = None) -> None:
         self.learner = learner
         self.counters = counters
         self.rollback_on_nonfinite = rollback_on_nonfinite
@@ -117,15 +119,75 @@ class ActingLoop:
         self.recorder: GameRecorder | None = None  # set while a game is being filmed
         self._worker = ThreadPoolExecutor(1, "stream") if overlap else None
         self._in_flight: tuple[int, Future[StepResult]] | None = None  # (action, its step)
-        self.attach(stream)
+        # Why a resumed run could not go on with the episode it was in (None: it did).
+        self.cut: str | None = None
+        if resume is None:
+            self.attach(stream)
+            return
+        try:
+            self.load_state_dict(stream, resume)
+        except (StreamError, KeyError, ValueError, TypeError) as exc:
+            self.cut = str(exc) or type(exc).__name__
+            self._tally = _GameTally()
+            self.learner.reset_traces()  # a new episode: no credit across the cut
+            self.attach(stream)
 
     def attach(self, stream: Stream) -> None:
         """Start (or restart after a failure) on a stream: a new episode begins."""
         self._drain()
+        self._use(stream)
+        self.observation: np.ndarray = self._reset()
+
+    def _use(self, stream: Stream) -> None:
         self.stream = stream
         # uint8 frames cannot hold NaN; only float streams need the finiteness check.
         self._float_obs = stream.spec.observation_dtype != "uint8"
-        self.observation: np.ndarray = self._reset()
+
+    # -- state (checkpoints) -------------------------------------------------------------
+
+    def state_dict(self, stream_usable: bool = True) -> dict[str, Any]:
+        """Where the agent stands, between two steps: the observation and whether the
+        learner has seen it, the running game's tally, a stream step in flight (overlap),
+        and the stream's own state, or why it is missing."""
+        why = self.stream.state_unavailable if stream_usable else "the stream had failed"
+        in_flight = None
+        if self._in_flight is not None:
+            action, future = self._in_flight
+            try:
+                obs, reward, terminated, truncated, info = future.result()
+                in_flight = {"action": action, "observation": torch.from_numpy(obs.copy()),
+                             "reward": reward, "terminated": terminated,
+                             "truncated": truncated, "game_over": info.get("game_over", True)}
+            except Exception:  # noqa: BLE001 - the next step reports it as a StreamFault
+                why = "the stream step in flight failed"
+        tally = self._tally
+        return {"observation": torch.from_numpy(self.observation.copy()),
+                "seen": self.learner.has_seen(self.observation),
+                "tally": {"return": tally.game_return, "length": tally.length,
+                          "sums": dict(tally.sums)},
+                "in_flight": in_flight, "filming": self.recorder is not None,
+                "stream": self.stream.state_dict() if why is None else None,
+                "stream_unavailable": why}
+
+    def load_state_dict(self, stream: Stream, state: dict[str, Any]) -> None:
+        """Go on exactly where `state_dict` was taken, on a new stream of the same kind;
+        raises StreamError (or KeyError) when that cannot be done."""
+        if state.get("stream") is None:
+            raise StreamError(state.get("stream_unavailable") or "no stream state was saved")
+        stream.load_state_dict(state["stream"])
+        self._use(stream)
+        self.observation = state["observation"].numpy()
+        self.learner.resume_on(self.observation, bool(state["seen"]))
+        tally = state["tally"]
+        self._tally = _GameTally(float(tally["return"]), int(tally["length"]),
+                                 {k: float(tally["sums"][k]) for k in AVERAGED})
+        in_flight = state["in_flight"]
+        if in_flight is not None:  # consumed by the next step, with or without overlap
+            future: Future[StepResult] = Future()
+            future.set_result((in_flight["observation"].numpy(), float(in_flight["reward"]),
+                               bool(in_flight["terminated"]), bool(in_flight["truncated"]),
+                               {"game_over": bool(in_flight["game_over"])}))
+            self._in_flight = (int(in_flight["action"]), future)
 
     def _reset(self) -> np.ndarray:
         return _sensor("reset", self.stream.reset)
@@ -134,7 +196,10 @@ class ActingLoop:
         """One agent step and one update; returns a summary when a whole game ended."""
         obs = self.observation
         if self._in_flight is None:
-            action = self.learner.act(obs)
+            try:
+                action = self.learner.act(obs)
+            except NonFiniteError:  # a reset gave a NaN/Inf reading
+                return self._drop_reading()
             result = _sensor("step", self.stream.step, action)
         else:
             action, future = self._in_flight
@@ -146,11 +211,7 @@ class ActingLoop:
         if self.recorder is not None:
             self._film()
         if not math.isfinite(reward) or (self._float_obs and not np.isfinite(next_obs).all()):
-            # A corrupt reading: learn nothing from it, and start a clean episode.
-            self.counters.faults.nonfinite_inputs += 1
-            self.learner.reset_traces()
-            self.observation = self._reset()
-            return None
+            return self._drop_reading()
         if self._worker is not None and not (terminated or truncated):
             next_action = self.learner.act_ahead(next_obs)
             self._in_flight = (next_action, self._worker.submit(self.stream.step, next_action))
@@ -164,6 +225,12 @@ class ActingLoop:
         if metrics is None and self.rollback_on_nonfinite:
             raise RollbackNeeded(summary)  # after the step is counted: the stream moved on
         return summary
+
+    def _drop_reading(self) -> None:
+        """A corrupt reading: learn nothing from it, and start a clean episode."""
+        self.counters.faults.nonfinite_inputs += 1
+        self.learner.reset_traces()
+        self.observation = self._reset()
 
     def _drain(self) -> None:
         """Wait out a stream step still in flight (its result is dropped)."""

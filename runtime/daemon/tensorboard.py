@@ -10,13 +10,15 @@ from typing import Any
 class TensorBoardLog:
     """Per-game scalars for TensorBoard, beside metrics.jsonl (which stays the record)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, purge_step: int | None = None) -> None:
+        """`purge_step`: readers drop the events of earlier files from this step on (those
+        written after the checkpoint a resumed run replays from)."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ValueError("log.tensorboard: needs the tensorboard package "
                              "(pip install tensorboard)") from None
-        self._writer = SummaryWriter(str(directory))
+        self._writer = SummaryWriter(str(directory), purge_step=purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
         step = record["step"]
