@@ -230,7 +230,7 @@ def test_an_interrupted_ray_sweep_stops_its_daemons_with_a_checkpoint(tmp_path: 
                             cwd=ROOT, env=_env(), text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     first = tmp_path / "default" / "seed-0"
-    wait_for_status(first, 300)
+    wait_for_status(first, 300, timeout=180)  # Ray and the daemon start slowly on busy cores
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 130, stderr
