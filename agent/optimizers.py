@@ -1,4 +1,7 @@
-"""ObGD: overshooting-bounded gradient descent with eligibility traces (stream-x).
+"""The learner's update rules, each owning its traces, step, reset and state dict:
+ObGDRule (two ObGD optimisers) and AdamLambda (Adam along delta times a trace).
+
+ObGD: overshooting-bounded gradient descent with eligibility traces (stream-x).
 
 The step size shrinks whenever one update could move the prediction by more than the TD
 error itself: alpha_eff = alpha / max(1, alpha * kappa * max(|delta|, 1) * ||z||_1).
@@ -9,8 +12,14 @@ over shared parameters (the seed network's trunk feeds both policy and value).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:  # networks imports this module (through normalizers) for NonFiniteError
+    from agent.config import AgentConfig
+    from agent.networks import ActorCritic
 
 
 class NonFiniteError(ArithmeticError):
@@ -76,3 +85,171 @@ class ObGD:
             raise ValueError(f"ObGD trace has {trace.numel()} elements, the network "
                              f"{self.trace.numel()}")
         self.trace.copy_(trace)
+
+
+class ObGDRule:
+    """The learner's ObGD update: one ObGD (its own trace) for the policy parameters and
+    one for the value parameters, over the same network."""
+
+    def __init__(self, net: ActorCritic, config: AgentConfig) -> None:
+        self.net = net
+        common = {"lr": config.lr, "gamma": config.gamma, "lambda_": config.lambda_}
+        self.policy = ObGD(net.policy_flat, kappa=config.kappa_policy, **common)
+        self.value = ObGD(net.value_flat, kappa=config.kappa_value, **common)
+        self._policy_params = net.policy_parameters()
+        self._value_params = net.value_parameters()
+
+    def step(self, delta: float, log_prob: torch.Tensor, entropy: torch.Tensor,
+             value: torch.Tensor, beta: float, done: bool) -> dict[str, float]:
+        """One update from the TD error; `done` clears the traces after it."""
+        # stream-x: the entropy bonus is signed by delta so it pushes with the trace.
+        policy_objective = -(log_prob + beta * float(np.sign(delta)) * entropy)
+        value_objective = -value
+        net = self.net
+        if net.shared_trunk:
+            # The trunk feeds both objectives: each needs its own gradient of it.
+            grads = [torch.autograd.grad(objective, params, retain_graph=True)
+                     for objective, params in ((policy_objective, self._policy_params),
+                                               (value_objective, self._value_params))]
+            pi_grad, v_grad = (torch.cat([g.reshape(-1) for g in gs]) for gs in grads)
+        else:
+            # Disjoint towers: one backward pass into the flat gradient buffer gives
+            # each tower its own gradient as a slice.
+            net.flat_grad.zero_()
+            (policy_objective + value_objective).backward()
+            pi_grad = net.flat_grad[:net.policy_flat.numel()]
+            v_grad = net.flat_grad[net.policy_flat.numel():]
+        # Both sides are checked before either steps: over the shared trunk a policy step
+        # taken before the value side refused would change what the value sees.
+        step_pi = self.policy.prepare(delta, pi_grad)
+        step_v = self.value.prepare(delta, v_grad)
+        self.policy.commit(delta, step_pi, reset=done)
+        self.value.commit(delta, step_v, reset=done)
+        return {"td_error": delta, "actor_loss": -float(log_prob.detach()) * delta,
+                "critic_loss": delta * delta, "step_size_policy": step_pi,
+                "step_size_value": step_v}
+
+    def reset(self) -> None:
+        """Clear the traces: no credit flows across an episode cut."""
+        self.policy.trace.zero_()
+        self.value.trace.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.state_dict(), "value": self.value.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.value.load_state_dict(state["value"])
+
+
+class AdamLambda:
+    """Adam(lambda): Adam steps along delta * z, z the trace of the gradients of
+    log pi + 2c V (what one-step A2C's loss differentiates to when lambda = 0). With
+    lambda = 0 there is no trace and the step is plain one-step A2C under Adam."""
+
+    def __init__(self, net: ActorCritic, config: AgentConfig) -> None:
+        self.net = net
+        self.config = config
+        # Adam over the one flat buffer (its gradient is the flat gradient buffer):
+        # one fused kernel per step instead of one per parameter tensor.
+        net.flat.grad = net.flat_grad
+        self.adam = torch.optim.Adam([net.flat], lr=config.lr, eps=config.adam_eps,
+                                     fused=True)
+        self.trace = torch.zeros_like(net.flat) if config.lambda_ > 0 else None
+        # built aside, adopted only when the step is taken
+        self._next_trace = torch.zeros_like(net.flat) if config.lambda_ > 0 else None
+
+    def step(self, delta: float, log_prob: torch.Tensor, entropy: torch.Tensor,
+             value: torch.Tensor, beta: float, done: bool) -> dict[str, float]:
+        """One update from the TD error; `done` clears the trace after it."""
+        config = self.config
+        clip = config.td_error_clip
+        # A clipped delta is the derivative of a Huber loss: one surprising transition
+        # moves the weights no further than a TD error of `clip` would.
+        delta_u = delta if clip is None else max(-clip, min(clip, delta))
+        # Gradient of log pi(a|s) + 2c V(s): scaled by delta it is the gradient of the
+        # actor loss -delta*log pi plus the critic loss c*delta^2 (V(s') held fixed).
+        traced = log_prob + 2.0 * config.critic_coeff * value
+        flat_grad = self.net.flat_grad
+        flat_grad.zero_()
+        trace = self.trace
+        if trace is None:
+            (-(delta_u * traced + beta * entropy)).backward()
+        else:
+            # The entropy bonus joins the trace signed by delta (as in ObGD), so the one
+            # backward pass gives the whole per-step gradient. The new trace is built aside
+            # and adopted only once the step is known to be finite.
+            sign = float(np.sign(delta_u))
+            (-(traced + beta * sign * entropy)).backward()
+            next_trace = self._next_trace
+            torch.mul(trace, config.gamma * config.lambda_, out=next_trace).add_(flat_grad)
+            torch.mul(next_trace, delta_u, out=flat_grad)
+        metrics = {"td_error": delta, "actor_loss": -float(log_prob.detach()) * delta,
+                   "critic_loss": config.critic_coeff * delta * delta}
+        # Not clip_grad_norm_: it raises RuntimeError (not NonFiniteError) and scales by a
+        # float32 coefficient, which is not bit-identical to this float64 one.
+        norm = float(torch.linalg.vector_norm(flat_grad))
+        if not math.isfinite(norm):
+            flat_grad.zero_()
+            raise NonFiniteError("gradient is not finite")
+        if trace is not None:
+            self.trace, self._next_trace = next_trace, trace
+        max_norm = config.max_grad_norm
+        if max_norm is not None and norm > max_norm:
+            flat_grad.mul_(max_norm / (norm + 1e-6))  # as torch's clip_grad_norm_
+        metrics["grad_norm"] = norm
+        self.adam.step()
+        if self.trace is not None and done:
+            self.trace.zero_()
+        return metrics
+
+    def reset(self) -> None:
+        """Clear the trace: no credit flows across an episode cut."""
+        if self.trace is not None:
+            self.trace.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"adam": self.adam.state_dict()}
+        if self.trace is not None:
+            state["trace"] = self.trace.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.adam.load_state_dict(self._flat_adam_state(state["adam"]))
+        if self.trace is not None:
+            trace = state.get("trace")
+            if trace is None or trace.shape != self.trace.shape:
+                raise ValueError("optimizer state has no Adam(lambda) trace for this "
+                                 "network (saved with another lambda?)")
+            self.trace.copy_(trace)
+
+    def _flat_adam_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Adam state as this rule keeps it (one flat tensor). Checkpoints written before
+        Adam ran on the flat buffer hold one state per parameter tensor, in
+        net.parameters() order: they are re-laid into the flat order, so a long run
+        survives the upgrade."""
+        params = list(self.net.parameters())
+        per_tensor = state["param_groups"][0]["params"]
+        if len(per_tensor) == 1 or len(per_tensor) != len(params):
+            return state  # already flat, or foreign: Adam's own check names the mismatch
+        flat = self.net.flat
+        merged = {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        step = torch.zeros(())
+        for index, param in zip(per_tensor, params, strict=True):
+            offset = (param.data_ptr() - flat.data_ptr()) // flat.element_size()
+            entry = state["state"].get(index)
+            if entry is None:
+                continue
+            for key, merged_tensor in merged.items():
+                merged_tensor[offset:offset + param.numel()] = entry[key].reshape(-1)
+            step = entry["step"]
+        group = {**state["param_groups"][0], "params": [0]}
+        return {"state": {0: {"step": step, **merged}}, "param_groups": [group]}
+
+
+UpdateRule = ObGDRule | AdamLambda
+
+
+def make_rule(net: ActorCritic, config: AgentConfig) -> UpdateRule:
+    """The update rule config.optimizer names, over `net`."""
+    return ObGDRule(net, config) if config.optimizer == "obgd" else AdamLambda(net, config)

@@ -38,6 +38,7 @@ from runtime.cli import (
     positive_float,
     positive_int,
 )
+from runtime.errors import first_line
 
 if TYPE_CHECKING:
     from runtime.video import GameRecorder
@@ -62,11 +63,6 @@ class ModelError(ValueError):
     """A model that cannot be used (missing, not ONNX, bad metadata, wrong stream); one line."""
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def parse_metadata(raw: Mapping[str, str], source: str = "model") -> dict[str, Any]:
     """Validate and decode the exporter's string metadata; raises ModelError."""
     version = raw.get("format_version")
@@ -86,7 +82,7 @@ def parse_metadata(raw: Mapping[str, str], source: str = "model") -> dict[str, A
         for key in _JSON_KEYS:
             meta[key] = json.loads(raw[key])
     except ValueError as exc:
-        raise ModelError(f"{source}: malformed metadata value ({_one_line(exc)})") from None
+        raise ModelError(f"{source}: malformed metadata value ({first_line(exc, 300)})") from None
     shape = meta["observation_shape"]
     if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0
                                                       for d in shape)):
@@ -147,7 +143,8 @@ class Policy:
             session = ort.InferenceSession(str(path), sess_options=session_options(threads),
                                            providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/Invalid*
-            raise ModelError(f"{path}: not a loadable ONNX model ({_one_line(exc)})") from None
+            raise ModelError(f"{path}: not a loadable ONNX model "
+                             f"({first_line(exc, 300)})") from None
         meta = parse_metadata(session.get_modelmeta().custom_metadata_map, str(path))
         inputs = session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME:

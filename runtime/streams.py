@@ -20,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 import gymnasium as gym
 import numpy as np
 
+from runtime.errors import first_line
+
 _ATARI_ENTRY_POINT = "ale_py.env:AtariEnv"
 
 
@@ -489,12 +491,6 @@ class AtariStream:
         self._env.close()
 
 
-def _first_line(exc: BaseException) -> str:
-    """Gymnasium messages can span lines; StreamErrors stay one line for logs."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _lookup_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     """Find the registry entry; ale_py is imported only if the id is not yet known.
     `package.module:Env-v0` imports the module first (a user's own sensor, registered
@@ -505,7 +501,7 @@ def _lookup_spec(env_id: str) -> gym.envs.registration.EnvSpec:
             importlib.import_module(module)
         except ImportError as exc:
             raise StreamError(f"cannot import module {module!r} of environment id "
-                              f"{env_id!r}: {_first_line(exc)}") from None
+                              f"{env_id!r}: {first_line(exc)}") from None
     try:
         return gym.spec(env_id)
     except gym.error.Error:
@@ -514,7 +510,7 @@ def _lookup_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     try:
         return gym.spec(env_id)
     except gym.error.Error as exc:
-        raise StreamError(f"unknown environment id {env_id!r}: {_first_line(exc)}") from None
+        raise StreamError(f"unknown environment id {env_id!r}: {first_line(exc)}") from None
 
 
 def _is_atari(spec: gym.envs.registration.EnvSpec) -> bool:
@@ -531,10 +527,10 @@ def _make_env(env_id: str, kwargs: dict[str, Any], user_kwargs: bool) -> gym.Env
         return gym.make(env_id, **kwargs)
     except TypeError as exc:
         raise StreamError(
-            f"bad kwargs {sorted(kwargs)} for {env_id!r}: {_first_line(exc)}", "kwargs"
+            f"bad kwargs {sorted(kwargs)} for {env_id!r}: {first_line(exc)}", "kwargs"
         ) from None
     except (gym.error.Error, RuntimeError, ValueError) as exc:  # e.g. ALE "Invalid game mode"
-        raise StreamError(f"cannot create environment {env_id!r}: {_first_line(exc)}",
+        raise StreamError(f"cannot create environment {env_id!r}: {first_line(exc)}",
                           "kwargs" if user_kwargs else "id") from None
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import first_line
+
 
 class VideoError(RuntimeError):
     """Recording is impossible (missing package, unwritable directory, no frames)."""
@@ -57,8 +59,7 @@ class GameRecorder:
             if rgb is not None:
                 self._writer.append_data(np.ascontiguousarray(rgb))
         except Exception as exc:  # noqa: BLE001 - renderer or encoder: cannot record
-            first = str(exc).strip().splitlines()
-            raise VideoError(f"cannot capture frames ({first[0] if first else exc!r})") from None
+            raise VideoError(f"cannot capture frames ({first_line(exc)})") from None
 
     def finish(self) -> None:
         if self._writer is not None:

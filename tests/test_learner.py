@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 
 import gymnasium as gym
@@ -105,7 +106,7 @@ def test_adam_lambda_steps_along_delta_times_the_decayed_trace() -> None:
     expected = -delta * (0.45 * g1 + g2)
     torch.testing.assert_close(learner.net.flat_grad, expected, rtol=1e-4, atol=1e-7)
     learner.update(Transition(S, 0, 0.0, S2, True, False))
-    assert not learner.adam_trace.any()  # an episode end clears the trace
+    assert not learner.rule.trace.any()  # an episode end clears the trace
 
 
 def test_td_error_clip_bounds_the_step_like_a_huber_loss() -> None:
@@ -251,7 +252,7 @@ def test_adam_state_saved_per_tensor_is_re_laid_into_the_flat_buffer() -> None:
     state = learner.state_dict()
     state["optimizer"]["adam"] = old.state_dict()
     learner.load_state_dict(state)
-    flat_state = learner.adam.state_dict()["state"][0]
+    flat_state = learner.rule.adam.state_dict()["state"][0]
     for p in params:
         offset = (p.data_ptr() - learner.net.flat.data_ptr()) // 4
         torch.testing.assert_close(flat_state["exp_avg"][offset:offset + p.numel()],
@@ -285,3 +286,20 @@ def test_entropy_floor_raises_beta_only_while_the_entropy_is_below_it() -> None:
         beta = learner.update(Transition(S, 0, 0.0, S2, False, False))["entropy_coeff"]
     assert beta == pytest.approx(config.entropy_coeff)
     assert learner.entropy_gain == 0.0
+
+
+# sha256 prefixes of net.flat for seed 0 with the default agent settings, recorded before
+# the learner stopped reseeding the process: a seeding change must not move them.
+INITIAL_WEIGHTS = {(4, 84, 84): "58b4450ee1123607", (4,): "88589bcba3c065d7"}
+
+
+@pytest.mark.parametrize("shape", list(INITIAL_WEIGHTS))
+def test_initial_weights_follow_the_seed_and_leave_the_global_rng_alone(
+        shape: tuple[int, ...]) -> None:
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    learner = A2CLearner(AgentConfig(), shape, 4, seed=0)
+    digest = hashlib.sha256(learner.net.flat.detach().numpy().tobytes()).hexdigest()
+    assert digest[:16] == INITIAL_WEIGHTS[shape]
+    assert torch.equal(torch.rand(3), expected_next)  # the process's RNG did not move

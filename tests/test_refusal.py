@@ -100,10 +100,10 @@ def _nan_like(obs: np.ndarray) -> np.ndarray:
 def _huge_traces(learner: A2CLearner, which: str) -> None:
     """Traces whose L1 norm (or Adam step) overflows float32 while every element is finite."""
     if learner.config.optimizer == "obgd":
-        opt = learner.policy_opt if which == "policy" else learner.value_opt
+        opt = learner.rule.policy if which == "policy" else learner.rule.value
         opt.trace.fill_(1e37)
     else:
-        learner.adam_trace.fill_(1e37)
+        learner.rule.trace.fill_(1e37)
 
 
 # fault name -> (reward transform, applies to (layout, optimizer)?, setup, faulty call)

@@ -163,12 +163,12 @@ def test_old_checkpoint_without_stream_state_starts_a_new_episode_with_traces_re
     daemon = Daemon(config, fresh=False)
     daemon.prepare()
     try:
-        assert daemon.learner.policy_opt.trace.abs().sum() > 0  # saved mid-episode
+        assert daemon.learner.rule.policy.trace.abs().sum() > 0  # saved mid-episode
         loop = ActingLoop(daemon.learner, daemon.stream, daemon.counters,
                           resume=daemon.resume_state)
         assert "holds no position in the stream" in loop.cut
-        assert not daemon.learner.policy_opt.trace.any()
-        assert not daemon.learner.value_opt.trace.any()
+        assert not daemon.learner.rule.policy.trace.any()
+        assert not daemon.learner.rule.value.trace.any()
         loop.close()
     finally:
         daemon.release()

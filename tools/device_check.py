@@ -77,6 +77,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
 from runtime.cli import OneLineParser, UsageError, positive_int  # noqa: E402
+from runtime.errors import first_line  # noqa: E402
 
 DEFAULT_FRAMES = ROOT / "tests" / "data" / "breakout_frames.npz"
 DEFAULT_DEVICE_DIR = Path("~/.cache/stream-agent/aarch64-bookworm")
@@ -145,7 +146,7 @@ def load_frames(path: str | Path) -> np.ndarray:
                                        f"{', '.join(data.files) or 'none'})")
             frames = data[FRAMES_KEY]
     except (OSError, ValueError) as exc:
-        raise DeviceCheckError(f"{path}: not a readable .npz frame set ({_one_line(exc)})"
+        raise DeviceCheckError(f"{path}: not a readable .npz frame set ({first_line(exc, 300)})"
                                ) from None
     if frames.dtype != np.uint8 or frames.ndim != 4 or 0 in frames.shape:
         raise DeviceCheckError(f"{path}: frames must be a non-empty uint8 N x C x H x W "
@@ -172,11 +173,6 @@ def read_memory_kb(status_path: str = "/proc/self/status") -> dict[str, int | No
             if key in ("VmHWM", "VmRSS"):
                 found[key.lower() + "_kb"] = int(value.split()[0])
     return found
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -863,7 +859,7 @@ def main(argv: list[str] | None = None, run: Callable[..., dict] = run_check) ->
         print(f"device_check: error: {exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        print(f"device_check: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        print(f"device_check: error: {type(exc).__name__}: {first_line(exc, 300)}", file=sys.stderr)
         return 1
     print(json.dumps(result))
     if not result["passed"]:

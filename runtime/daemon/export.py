@@ -30,6 +30,7 @@ from agent.learner import A2CLearner
 from agent.networks import build_network
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
 from runtime.daemon.config import Config, ConfigError, from_dict
+from runtime.errors import first_line
 from runtime.infer import (
     FORMAT_VERSION,
     ModelError,
@@ -53,11 +54,6 @@ class ExportError(Exception):
 
 class VerificationError(Exception):
     """The written model does not behave like the torch actor."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class _Actor(torch.nn.Module):
@@ -110,7 +106,7 @@ def load_actor(payload: dict[str, Any], name: str = "checkpoint"
         raise ExportError(f"{name}: stored config is invalid: {exc}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ExportError(f"{name}: does not hold a usable actor ({type(exc).__name__}: "
-                          f"{_first_line(exc)})") from None
+                          f"{first_line(exc, 200)})") from None
     return learner.net.policy().eval(), config
 
 
@@ -262,7 +258,7 @@ def write_onnx(actor: torch.nn.Module, example: np.ndarray, out: Path, opset: in
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - exporter failures are many and varied
-        raise ExportError(f"export at opset {opset} failed: {_first_line(exc)}") from None
+        raise ExportError(f"export at opset {opset} failed: {first_line(exc, 200)}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -288,7 +284,7 @@ def verify(path: Path, actor: torch.nn.Module, frames: np.ndarray) -> dict[str, 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001 - ValidationError and friends
-        raise VerificationError(f"onnx.checker rejects {path}: {_first_line(exc)}") from None
+        raise VerificationError(f"onnx.checker rejects {path}: {first_line(exc, 200)}") from None
     try:
         policy = Policy.load(path)
     except ModelError as exc:

@@ -50,6 +50,7 @@ from runtime.daemon.export import (
 )
 from runtime.daemon.loop import Counters
 from runtime.daemon.triggers import Every
+from runtime.errors import first_line
 from runtime.files import write_atomic
 from runtime.manifest import (
     FORMAT,
@@ -69,11 +70,6 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2  # how often the loop looks for a finished export
 CLOSE_GRACE_SECONDS = 30.0  # at shutdown, an export in flight may finish this long
 RECENT_GAMES = 100
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def export_key(config: Config) -> bytes | None:
@@ -136,7 +132,8 @@ class Publisher:
                 self._start_worker()
             self._jobs.put(job)
         except OSError as exc:
-            self._failed(step, f"cannot start the publisher process ({_one_line(exc)})")
+            reason = first_line(exc, 200, typed=True)
+            self._failed(step, f"cannot start the publisher process ({reason})")
             return
         self._in_flight = (step, now)
         self._next_poll = now + POLL_SECONDS
@@ -253,7 +250,7 @@ def serve(setup: dict[str, Any], jobs: Any, results: Any) -> None:
         except (ExportError, VerificationError) as exc:
             results.put({"error": str(exc)})
         except Exception as exc:  # noqa: BLE001 - reported, and the daemon goes on
-            results.put({"error": _one_line(exc)})
+            results.put({"error": first_line(exc, 200, typed=True)})
 
 
 class PolicyWriter:
