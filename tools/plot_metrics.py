@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.metrics import metrics_path, read_jsonl  # noqa: E402
-from tools.seed_stats import bootstrap_ci, game_timeline  # noqa: E402
+from tools.seed_stats import bootstrap_ci  # noqa: E402
 
 GRID_POINTS = 200
 
@@ -52,7 +52,7 @@ def seed_curves(run_dirs: list[Path], window: int) -> tuple[np.ndarray, np.ndarr
     where every run has a game to where the shortest run ends."""
     runs = []
     for run_dir in run_dirs:
-        games = game_timeline(read_jsonl(metrics_path(run_dir)))
+        games = read_jsonl(metrics_path(run_dir))
         steps = np.array([g["step"] for g in games])
         runs.append((steps, rolling_mean(np.array([g["return"] for g in games], float),
                                          window)))

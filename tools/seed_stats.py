@@ -1,6 +1,5 @@
 """Statistics over seeds for sweeps and their curves (numpy only, no scipy).
 
-- `game_timeline`: a run's games in the order the learner lived them.
 - `last_games_mean`: mean return of the last N whole games, optionally before a step.
 - `iqm`: the interquartile mean, the mean of the middle 50% of the values.
 - `bootstrap_ci`: a seeded 95% percentile bootstrap interval of a statistic over seeds.
@@ -16,21 +15,6 @@ from typing import Any
 import numpy as np
 
 Statistic = Callable[..., np.ndarray]  # statistic(values, axis=...) -> reduced array
-
-
-def game_timeline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop the games a killed daemon logged after its newest checkpoint.
-
-    A run resumed from a checkpoint plays its steps again, so metrics.jsonl can step back;
-    each record then supersedes every earlier one whose step is not below its own, which
-    keeps the steps strictly increasing (the lost games between the checkpoint and the
-    first game after the resume cannot be told apart and stay)."""
-    kept: list[dict[str, Any]] = []
-    for record in records:
-        while kept and kept[-1]["step"] >= record["step"]:
-            kept.pop()
-        kept.append(record)
-    return kept
 
 
 def last_games_mean(games: list[dict[str, Any]], window: int = 100,

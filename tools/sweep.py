@@ -52,7 +52,7 @@ from runtime.files import write_atomic  # noqa: E402
 from runtime.metrics import metrics_path, read_jsonl  # noqa: E402
 from tools.bench_learning import PRESETS, summarize  # noqa: E402
 from tools.daemon_pool import LocalPool, Result, connect_ray, run_on_ray  # noqa: E402
-from tools.seed_stats import bootstrap_ci, game_timeline, iqm, last_games_mean  # noqa: E402
+from tools.seed_stats import bootstrap_ci, iqm, last_games_mean  # noqa: E402
 
 SWEEP_KEYS = ("seed", "run.dir", "run.max_steps")  # the sweep sets these itself
 RESAMPLES = 2000
@@ -266,7 +266,8 @@ def seed_figures(run: Run, window: int, at_step: int | None) -> dict[str, Any]:
                            "games": 0, "return": math.nan, "steps_per_s": math.nan}
     if not metrics_path(run.run_dir).exists() or read_status(run.run_dir) is None:
         return row
-    games = game_timeline(read_jsonl(metrics_path(run.run_dir)))
+    # The daemon moves aside what a resume replays: every game is in the file once.
+    games = read_jsonl(metrics_path(run.run_dir))
     figures = summarize(run.run_dir)
     rate = float(figures["steps_per_s"])
     if not (math.isfinite(rate) and rate > 0) and games:  # no wall time recorded
