@@ -146,7 +146,9 @@ def connect_ray(address: str, jobs: int) -> Any:
         else:
             ray.init(address=address, **quiet)
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line for all
-        raise ValueError(f"--ray {address}: {str(exc).splitlines()[0]}") from None
+        from runtime.errors import first_line  # driver side only: Ray workers never run it
+
+        raise ValueError(f"--ray {address}: {first_line(exc)}") from None
     return ray
 
 
@@ -183,5 +185,7 @@ def _report(ray: Any, ready: list[Any], pending: dict[Any, Key],
         except ray.exceptions.TaskCancelledError:
             continue  # cancelled before it started: no daemon ran
         except ray.exceptions.RayError as exc:  # the task died, not the daemon
-            result = (1, str(exc).strip().splitlines()[0], 0.0)
+            from runtime.errors import first_line  # driver side only, as above
+
+            result = (1, first_line(exc), 0.0)
         done(key, result)
