@@ -9,6 +9,7 @@ bootstraps; termination does not. The learner knows nothing of environments or f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,13 +31,27 @@ class Transition(NamedTuple):
     truncated: bool
 
 
-class _Pending(NamedTuple):
-    """The forward pass `act` made on s, reused by `update` on the same s."""
+@dataclass(eq=False)  # matched by identity, like the arrays it holds
+class _Pass:
+    """The learner's work on one observation, kept while the agent stands on it or is
+    about to. Matched by identity: the loop hands the learner the same array as s' of one
+    update and as s of the next act.
+
+    `inputs`: the network input; making it added the observation to the running
+    statistics, so a pass is made once per observation and reused. `logits`/`value`: the
+    heads' outputs (with a graph from `stand_on`, without one from `act_ahead`), valid
+    for the parameters after `updates` updates only."""
 
     observation: np.ndarray
-    logits: torch.Tensor
-    value: torch.Tensor
-    updates: int
+    inputs: torch.Tensor
+    logits: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    updates: int = -1
+
+    def outputs_for(self, observation: np.ndarray, updates: int) -> bool:
+        """True when the heads' outputs on `observation` are those of the parameters now."""
+        return self.observation is observation and self.updates == updates \
+            and self.logits is not None
 
 
 _MAX_ENTROPY_GAIN = math.log(100.0)  # beta grows at most 100-fold over its schedule
@@ -69,31 +84,30 @@ class A2CLearner:
         # log(beta / scheduled beta), raised while the entropy is below entropy_floor.
         self.entropy_gain = 0.0
         self._max_entropy = math.log(num_actions) if num_actions > 1 else 1.0
-        self._pending: _Pending | None = None
-        self._prepared: tuple[np.ndarray, torch.Tensor] | None = None
-        self._ahead: tuple[np.ndarray, float, int] | None = None  # (s', V(s'), updates)
+        # The pass on the observation the agent stands on (s before an update, s' after),
+        # and, in the overlapped loop, the pass on s' made before the update on s -> s'.
+        self._here: _Pass | None = None
+        self._ahead: _Pass | None = None
         self.rule = make_rule(self.net, config)  # owns its traces and optimiser state
 
     # -- acting ------------------------------------------------------------------------
 
-    def _inputs(self, observation: np.ndarray) -> torch.Tensor:
-        """Preprocessed network input of a new observation, which joins the running
-        statistics here, once. The s' of one update is the s of the next act: reused."""
-        prepared = self._prepared
-        if prepared is not None and prepared[0] is observation:
-            return prepared[1]
+    def _pass_on(self, observation: np.ndarray) -> _Pass:
+        """The pass on `observation`: the one already made, or a new one, for which the
+        observation joins the running statistics (once)."""
+        for known in (self._here, self._ahead):
+            if known is not None and known.observation is observation:
+                return known
         if observation.dtype.kind == "f" and not np.isfinite(observation).all():
             raise NonFiniteError("observation is not finite")  # before the statistics see it
         obs = _batch(observation)
         self.net.preprocess.observe(obs)
-        inputs = self.net.preprocess(obs)
-        self._prepared = (observation, inputs)
-        return inputs
+        return _Pass(observation, self.net.preprocess(obs))
 
     def has_seen(self, observation: np.ndarray) -> bool:
         """True when `observation` already joined the running statistics (as the s' of the
         last update) and the next act() on it will reuse its network input."""
-        return self._prepared is not None and self._prepared[0] is observation
+        return self._here is not None and self._here.observation is observation
 
     def resume_on(self, observation: np.ndarray, seen: bool) -> None:
         """After load_state_dict, the observation the agent stands on. When the saved
@@ -101,26 +115,29 @@ class A2CLearner:
         without counting it again, so the next act() computes what it would have."""
         if seen:
             with torch.no_grad():
-                self._prepared = (observation, self.net.preprocess(_batch(observation)))
+                self._here = _Pass(observation, self.net.preprocess(_batch(observation)))
 
-    def forward(self, observation: np.ndarray) -> None:
-        """The forward pass on s, with its graph, kept for the update on s."""
-        logits, value = self.net.heads(self._inputs(observation))
-        self._pending = _Pending(observation, logits, value, self.updates)
+    def stand_on(self, observation: np.ndarray) -> torch.Tensor:
+        """The forward pass on s with its graph, kept for the update on s; returns the
+        logits."""
+        here = self._here = self._pass_on(observation)
+        here.logits, here.value = self.net.heads(here.inputs)
+        here.updates = self.updates
+        return here.logits
 
     def act(self, observation: np.ndarray) -> int:
         """Sample an action for s; keeps the forward pass for the update on s."""
-        self.forward(observation)
-        return self._sample(self._pending.logits)
+        return self._sample(self.stand_on(observation))
 
     def act_ahead(self, next_observation: np.ndarray) -> int:
         """Sample the action for s' *before* the update on (s, a, r, s'): the policy that
         acts lags the learner by one update, so the stream can step on another core while
         the update runs. The no-grad pass also gives the V(s') of that update."""
+        ahead = self._ahead = self._pass_on(next_observation)
         with torch.no_grad():
-            logits, value = self.net.heads(self._inputs(next_observation))
-        self._ahead = (next_observation, float(value[0]), self.updates)
-        return self._sample(logits)
+            ahead.logits, ahead.value = self.net.heads(ahead.inputs)
+        ahead.updates = self.updates
+        return self._sample(ahead.logits)
 
     def _sample(self, logits: torch.Tensor) -> int:
         """Inverse-CDF sampling in Python over a handful of action probabilities: a
@@ -140,35 +157,37 @@ class A2CLearner:
         """One A2C update from one transition; returns its metrics. A NaN/Inf anywhere
         (reward, observation, TD error, gradient, trace) raises NonFiniteError and leaves
         the learner exactly as it was: everything is computed first, then committed."""
-        before = (self._pending, self._prepared, self._ahead)
-        try:
-            return self._update(t)
-        except NonFiniteError:
-            if self._prepared is not before[1]:
-                self.net.preprocess.undo_observe()  # s' joined the statistics in this update
-            self._pending, self._prepared, self._ahead = before
-            raise
-
-    def _update(self, t: Transition) -> dict[str, float]:
         if not math.isfinite(t.reward):
             raise NonFiniteError(f"reward {t.reward!r} is not finite")
-        pending = self._pending
-        self._pending = None
-        if pending is not None and pending.observation is t.observation \
-                and pending.updates == self.updates:
-            logits, value = pending.logits, pending.value
+        here = self._here
+        if here is not None and here.outputs_for(t.observation, self.updates):
+            logits, value = here.logits, here.value  # stand_on's pass: same s, same weights
         else:
             logits, value = self.net(_batch(t.observation))
+        next_pass = None if t.terminated else self._pass_on(t.next_observation)
+        seen_before = next_pass is here or next_pass is self._ahead
+        try:
+            metrics = self._learn(t, logits, value, next_pass)
+        except NonFiniteError:
+            if next_pass is not None and not seen_before:
+                self.net.preprocess.undo_observe()  # s' joined the statistics above
+            raise
+        self._here, self._ahead = next_pass, None  # the agent now stands on s'
+        return metrics
+
+    def _learn(self, t: Transition, logits: torch.Tensor, value: torch.Tensor,
+               next_pass: _Pass | None) -> dict[str, float]:
+        """The TD error, the rule's step and what follows it; raises NonFiniteError
+        before anything is changed."""
         done = t.terminated or t.truncated
         reward, reward_statistics = self._transform_reward(t.reward, done)
-        ahead, self._ahead = self._ahead, None
-        if t.terminated:
+        if next_pass is None:  # terminated: no bootstrap
             next_value = 0.0
-        elif ahead is not None and ahead[0] is t.next_observation and ahead[2] == self.updates:
-            next_value = ahead[1]  # act_ahead's pass: same s', same parameters
+        elif next_pass.outputs_for(t.next_observation, self.updates):
+            next_value = float(next_pass.value[0])  # act_ahead's pass: same s', same weights
         else:
             with torch.no_grad():
-                next_value = float(self.net.value(self._inputs(t.next_observation)))
+                next_value = float(self.net.value(next_pass.inputs))
         delta = reward + self.config.gamma * next_value - value[0]
         delta_f = float(delta.detach())
         if not math.isfinite(delta_f):
@@ -211,9 +230,7 @@ class A2CLearner:
         """An episode was cut short outside the stream's own ends (a fault): credit must
         not flow across the cut."""
         self.rule.reset()
-        self._pending = None
-        self._prepared = None
-        self._ahead = None
+        self._here = self._ahead = None
 
     def parameters_finite(self) -> bool:
         """True when no weight is NaN/Inf (checked before every checkpoint)."""
@@ -242,6 +259,4 @@ class A2CLearner:
         self.rng.set_state(state["rng"])
         self.updates = int(state["updates"])
         self.entropy_gain = float(state.get("entropy_gain", 0.0))  # absent before the floor
-        self._pending = None
-        self._prepared = None
-        self._ahead = None
+        self._here = self._ahead = None

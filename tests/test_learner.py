@@ -131,7 +131,7 @@ def test_acting_ahead_leaves_the_update_exactly_as_it_was(optimizer: str) -> Non
     for step in range(3):
         s, s2 = (S, S2) if step % 2 == 0 else (S2, S)
         a = plain.act(s)
-        ahead.forward(s)
+        ahead.stand_on(s)
         ahead.act_ahead(s2)
         t = Transition(s, a, 1.0, s2, False, False)
         assert plain.update(t)["td_error"] == ahead.update(t)["td_error"]
