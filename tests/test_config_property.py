@@ -62,7 +62,7 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "checkpoint.keep": (st.integers(1, 4), st.just(0)),
     "run.overlap_stream": (st.booleans(), st.just("sometimes")),
     "run.onednn": (st.sampled_from(["auto", "on", "off"]), st.just("fast")),
-    "log.video_every_episodes": (st.integers(0, 2), st.just(-1)),
+    "log.video_every_games": (st.integers(0, 2), st.just(-1)),
     "log.level": (st.sampled_from(["INFO", "WARNING"]), st.just("LOUD")),
     "faults.on_nonfinite": (st.sampled_from(["skip", "rollback"]), st.just("ignore")),
     "faults.stream_backoff_seconds": (st.floats(0, 5), st.just(-1)),
@@ -73,7 +73,7 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
 INTERACTING = {"env.screen_size", "env.kwargs", "agent.network", "agent.optimizer",
                "agent.td_error_clip", "checkpoint.every_steps", "checkpoint.every_seconds",
                "faults.stream_backoff_seconds", "faults.stream_backoff_max_seconds",
-               "log.video_every_episodes"}
+               "log.video_every_games"}
 # Lines that are wrong whatever else is set: the error names the line's key.
 BAD_LINES = {"agent.nonsense=1": "agent.nonsense", "env.bogus=true": "env.bogus",
              "nonsense=3": "nonsense", "agent.gamma.deeper=1": "agent.gamma.deeper",
@@ -102,9 +102,9 @@ def cross_problems(sets: dict[str, Any]) -> set[str]:
         problems.add("agent.network")
     elif network in SMALLEST_FRAME and sets.get("env.screen_size", 84) < SMALLEST_FRAME[network]:
         problems.add("env.screen_size")
-    if sets.get("log.video_every_episodes", 0) and not frames \
+    if sets.get("log.video_every_games", 0) and not frames \
             and kwargs.get("render_mode") != "rgb_array":
-        problems.add("log.video_every_episodes")
+        problems.add("log.video_every_games")
     return problems
 
 

@@ -31,7 +31,7 @@ def test_cartpole_run_writes_metrics_status_and_checkpoints(run_dir: Path) -> No
     assert status["step"] == 600 and status["state"] == "stopped"
     assert status["last_checkpoint_step"] == 600
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records and {"step", "episode", "return", "length", "time", "steps_per_s",
+    assert records and {"step", "game", "return", "length", "time", "steps_per_s",
                         "entropy", "critic_loss"} <= records[0].keys()
     assert [p.name for p in CheckpointStore(run_dir / "checkpoints", 3).paths()] == [
         "ckpt-000000000600.pt", "ckpt-000000000400.pt", "ckpt-000000000200.pt"]
@@ -50,7 +50,7 @@ def test_breakout_run_learns_from_frames(run_dir: Path) -> None:
 @pytest.mark.parametrize("overlap", ["false", "true"])
 def test_every_nth_game_is_filmed(run_dir: Path, overlap: str) -> None:
     done = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "700",
-                                          "--set", "log.video_every_episodes=2",
+                                          "--set", "log.video_every_games=2",
                                           "--set", f"run.overlap_stream={overlap}"))
     assert done.returncode == 0, done.stderr
     videos = sorted((run_dir / "videos").glob("game-*.mp4"))

@@ -16,8 +16,9 @@ import torch
 
 from runtime.daemon.checkpoints import CheckpointStore, encode, read_checkpoint
 from runtime.daemon.config import load_config
-from runtime.daemon.lifecycle import Daemon, stream_seed
+from runtime.daemon.lifecycle import Daemon
 from runtime.daemon.loop import ActingLoop
+from runtime.daemon.supervision import stream_seed
 from runtime.metrics import read_jsonl
 from tests.conftest import ROOT, cli, load_tool, start_daemon, wait_for_status
 
@@ -230,7 +231,7 @@ def test_sigkill_between_checkpoints_then_restart_counts_every_game_once(
     assert reference.returncode == 0, reference.stderr
     ours, theirs = records(run), records(tmp_path / "reference")
     assert ours == theirs and len(ours) > 20
-    assert [r["episode"] for r in ours] == list(range(1, len(ours) + 1))
+    assert [r["game"] for r in ours] == list(range(1, len(ours) + 1))
     status = json.loads((run / "status.json").read_text())
     assert status["games"] == len(ours) == \
         json.loads((tmp_path / "reference" / "status.json").read_text())["games"]
@@ -246,7 +247,7 @@ def test_sigkill_between_checkpoints_then_restart_counts_every_game_once(
 
 
 def test_videos_of_games_begun_after_the_checkpoint_are_moved_aside(tmp_path: Path) -> None:
-    sets = ["log.video_every_episodes=1", "checkpoint.every_steps=300"]
+    sets = ["log.video_every_games=1", "checkpoint.every_steps=300"]
     run_in_process(tmp_path / "reference", "config.yaml", sets, 1000)
     run_in_process(tmp_path / "run", "config.yaml", sets, 800)
     (tmp_path / "run" / "checkpoints" / "ckpt-000000000800.pt").unlink()  # killed after 600

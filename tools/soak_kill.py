@@ -186,7 +186,7 @@ def _compare_with_uninterrupted(run_dir: Path, final: int, env_id: str) -> dict[
     if done.returncode != 0:
         raise Violation(f"the uninterrupted run exited {done.returncode}")
     games = _games(run_dir)
-    if [g["episode"] for g in games] != list(range(1, len(games) + 1)):
+    if [g["game"] for g in games] != list(range(1, len(games) + 1)):
         raise Violation("metrics.jsonl does not hold every game exactly once")
     status = json.loads((run_dir / "status.json").read_text())
     if status["games"] != len(games):

@@ -100,8 +100,8 @@ class LogConfig:
                         else "must be DEBUG, INFO, WARNING or ERROR")
     summary_every_seconds: float = option(60.0, "Interval of summary log lines.", at_least(1))
     status_every_seconds: float = option(5.0, "Interval of status.json rewrites.", at_least(0.1))
-    video_every_episodes: int = option(0, "Record every Nth finished game as MP4 under "
-                                       "RUN_DIR/videos/; 0 = off.", at_least(0))
+    video_every_games: int = option(0, "Record the game after every Nth finished game as "
+                                    "MP4 under RUN_DIR/videos/; 0 = off.", at_least(0))
     tensorboard: bool = option(False, "Also write per-game scalars for TensorBoard under "
                                "RUN_DIR/tensorboard/ (needs the tensorboard package).")
 
@@ -199,6 +199,12 @@ def _yaml_float(value: Any, annotation: Any) -> Any:
     return value
 
 
+# Keys that were renamed: an old config is refused with the new name, never misread.
+RENAMED = {"log.video_every_episodes": "log.video_every_games (a game is all its lives; "
+                                       "an episode ends with each life when "
+                                       "env.terminal_on_life_loss is true)"}
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, "
@@ -206,6 +212,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {_yaml_name(f): f for f in dataclasses.fields(cls)}
     for key in data:
+        if f"{prefix}{key}" in RENAMED:
+            raise ConfigError(f"{prefix}{key}: renamed to {RENAMED[prefix + key]}")
         if key not in fields:
             raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(fields)})")
     values = {}

@@ -9,19 +9,12 @@ that could not be written (logged), 3 the stream kept failing (after a final che
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
-import os
-import resource
-import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 import yaml
 
@@ -30,15 +23,19 @@ from agent.networks import FrameTooSmall, resolve_network
 from runtime.cli import OneLineParser, UsageError
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore
 from runtime.daemon.config import Config, ConfigError, load_config, to_dict
-from runtime.daemon.history import VIDEO_NAME, set_aside_after
-from runtime.daemon.loop import ActingLoop, Counters, GameSummary, RollbackNeeded, StreamFault
+from runtime.daemon.filming import GameFilming
+from runtime.daemon.history import set_aside_after
+from runtime.daemon.loop import ActingLoop, Counters, RollbackNeeded, StreamFault
+from runtime.daemon.process import RunDirLock, StopFlag, close_logging, setup_logging
+from runtime.daemon.progress import Progress
 from runtime.daemon.publish import Publisher, export_key
+from runtime.daemon.supervision import StreamSupervisor
 from runtime.daemon.tensorboard import TensorBoardLog
+from runtime.daemon.triggers import Every
 from runtime.files import write_atomic
-from runtime.metrics import MetricsLog, write_status
+from runtime.metrics import MetricsLog
 from runtime.sdnotify import Notifier
-from runtime.streams import AtariStream, StreamError, open_stream
-from runtime.video import GameRecorder, VideoError
+from runtime.streams import AtariStream, Stream, StreamError
 
 log = logging.getLogger("runtime.daemon")
 
@@ -72,26 +69,12 @@ def configure_torch(config: Config, network: str) -> None:
     torch.backends.mkldnn.enabled = onednn == "on" or (onednn == "auto" and network != "stream")
 
 
-class StopFlag:
-    """SIGTERM/SIGINT set a flag the loop checks between steps; a second SIGINT exits now."""
+class RecordSink(Protocol):
+    """Where each game record goes: metrics.jsonl always, TensorBoard when asked."""
 
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._previous: dict[int, Any] = {}
+    def write(self, record: dict[str, Any]) -> None: ...
 
-    def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        if self.reason is not None and signum == signal.SIGINT:
-            os.write(2, b"second interrupt: exiting without a final checkpoint\n")
-            os._exit(130)
-        self.reason = signal.Signals(signum).name
+    def close(self) -> None: ...
 
 
 class Daemon:
@@ -106,11 +89,12 @@ class Daemon:
         self.last_checkpoint_step: int | None = None
         self.fresh = fresh
         self.notifier = Notifier()
-        self.stream_failures = 0  # consecutive; reset by every good step
+        self.streams = StreamSupervisor(config, lambda: self.stop.reason is not None)
         self.loop: ActingLoop | None = None
         # The saved position in the stream when resuming (None: a new run).
         self.resume_state: dict[str, Any] | None = None
         self._log_handlers: list[logging.Handler] = []
+        self._lock: RunDirLock | None = None
 
     # -- start -------------------------------------------------------------------------
 
@@ -124,12 +108,12 @@ class Daemon:
         except OSError as exc:
             raise UsageError(f"run.dir: cannot write to {self.run_dir} ({exc.strerror})") from None
         key = export_key(self.config)
-        self._lock_run_dir()
-        self._log_handlers = setup_logging(self.config, self.run_dir / "daemon.log")
+        self._lock = RunDirLock(self.run_dir)
+        self._log_handlers = setup_logging(self.config.log.level, self.run_dir / "daemon.log")
         found = None if self.fresh else self._newest_checkpoint()
         steps = int(found[0].get("counters", {}).get("steps", 0)) if found else 0
         try:
-            self.stream = open_stream(self.config.env, stream_seed(self.config.seed, steps))
+            self.stream = self.streams.open(steps)
         except StreamError as exc:
             raise UsageError(f"env.{exc.key}: {exc}") from None
         self._check_fits_stream()
@@ -165,8 +149,8 @@ class Daemon:
     def _check_fits_stream(self) -> None:
         """What the config asks of the stream it made (UsageError naming the key)."""
         spec, config = self.stream.spec, self.config
-        if config.log.video_every_episodes and not self.stream.renders_frames:
-            raise UsageError(f"log.video_every_episodes: {config.env.id} renders no frames "
+        if config.log.video_every_games and not self.stream.renders_frames:
+            raise UsageError(f"log.video_every_games: {config.env.id} renders no frames "
                              f"(set env.kwargs.render_mode=rgb_array, or 0)")
         try:
             self.learner = A2CLearner(config.agent, spec.observation_shape, spec.num_actions,
@@ -179,21 +163,6 @@ class Daemon:
                              f"convolutions need") from None
         except ValueError as exc:
             raise UsageError(f"agent.network: {exc}") from None
-
-    def _lock_run_dir(self) -> None:
-        """One daemon per run directory: two would interleave checkpoints and metrics.
-        The lock is released by the kernel when the process dies, however it dies."""
-        self._lock_file = open(self.run_dir / "daemon.lock", "a+")  # noqa: SIM115
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.seek(0)
-            holder = self._lock_file.read().strip() or "another process"
-            raise UsageError(f"run.dir: {self.run_dir} is in use by pid {holder}") from None
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(str(os.getpid()))
-        self._lock_file.flush()
 
     def _spec(self) -> dict[str, Any]:
         spec = self.stream.spec
@@ -236,14 +205,22 @@ class Daemon:
             self.learner, self.stream, self.counters,
             rollback_on_nonfinite=cfg.faults.on_nonfinite == "rollback",
             overlap=cfg.run.overlap_stream, resume=self.resume_state)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        progress = Progress(self, sys.stderr.isatty())
+        sinks: list[RecordSink] = [MetricsLog(self.run_dir / "metrics.jsonl")]
+        if self.tensorboard is not None:
+            sinks.append(self.tensorboard)
+        progress = Progress(
+            self.counters, self.run_dir / "status.json", self.notifier,
+            status_seconds=cfg.log.status_every_seconds,
+            summary_seconds=cfg.log.summary_every_seconds, extra_status=self._status,
+            live=sys.stderr.isatty())
+        filming = GameFilming(self.run_dir / "videos", cfg.log.video_every_games)
         self._report_resume(loop, progress)
         max_steps = cfg.run.max_steps
-        every_steps = cfg.checkpoint.every_steps
-        every_seconds = cfg.checkpoint.every_seconds
-        next_ckpt_time = time.monotonic() + every_seconds if every_seconds else float("inf")
-        next_status = 0.0
+        now = time.monotonic()
+        checkpoint_due = Every(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds,
+                               self.counters.steps, now)
+        # The live line and the watchdog at most once a second; status.json at its own pace.
+        progress_due = Every(None, min(cfg.log.status_every_seconds, 1.0), 0, now - 1.0)
         self.stop.install()
         self.notifier.ready(progress.line())
         log.info("learning from %s at step %d", cfg.env.id, self.counters.steps)
@@ -252,7 +229,7 @@ class Daemon:
                                                 or self.counters.steps < max_steps):
                 try:
                     summary = loop.step()
-                    self.stream_failures = 0
+                    self.streams.consecutive = 0
                 except StreamFault as fault:
                     if not self._recover_stream(loop, fault):
                         return self._give_up(progress)
@@ -260,33 +237,35 @@ class Daemon:
                 except RollbackNeeded as needed:
                     self.rollback("a non-finite update")
                     summary = needed.summary
+                steps, now = self.counters.steps, time.monotonic()
                 if summary is not None:
                     record = progress.game_record(summary)
-                    metrics.write(record)
-                    if self.tensorboard is not None:
-                        self.tensorboard.write(record)
-                    self._film_next_game(loop, summary.game)
-                now = time.monotonic()
-                if (every_steps and self.counters.steps % every_steps == 0) \
-                        or now >= next_ckpt_time:
-                    self.checkpoint()
-                    next_ckpt_time = now + every_seconds if every_seconds else float("inf")
-                self.publisher.tick(self.counters.steps, now, progress.recent_returns)
-                if now >= next_status:
+                    for sink in sinks:
+                        sink.write(record)
+                    filming.after_game(loop, summary.game, steps)
+                if checkpoint_due.due(steps, now):
+                    self.checkpoint()  # a failed one is retried one interval on
+                    checkpoint_due.reset(steps, now)
+                self.publisher.tick(steps, now, progress.recent_returns)
+                if progress_due.due(steps, now):
                     progress.tick(now, "running")
-                    next_status = now + min(cfg.log.status_every_seconds, 1.0)
+                    progress_due.reset(steps, now)
             return self._shut_down(progress)
         finally:
             self.notifier.stopping()
             self.publisher.close()
             if loop.recorder is not None:
                 loop.recorder.finish()
-            metrics.close()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            for sink in sinks:
+                sink.close()
             loop.close()
             self.stream.close()
             self.stop.restore()
+
+    def _status(self) -> dict[str, Any]:
+        """What the daemon adds to status.json beside the counters."""
+        return {"last_checkpoint_step": self.last_checkpoint_step,
+                "publishing": self.publisher.status()}
 
     def _report_resume(self, loop: ActingLoop, progress: Progress) -> None:
         if self.resume_state is None:
@@ -299,23 +278,6 @@ class Daemon:
         log.warning("step %d: a new episode, traces reset: the stream's state could not be "
                     "restored (%s)", steps, loop.cut)
         progress.restart_note = f"step {steps}: a new episode after the restart ({loop.cut})"
-
-    def _film_next_game(self, loop: ActingLoop, game: int) -> None:
-        """log.video_every_episodes: film the game after every Nth one (never fatal)."""
-        every = self.config.log.video_every_episodes
-        if loop.recorder is not None:
-            loop.recorder.finish()
-            log.info("video %s", loop.recorder.paths[-1])
-            loop.recorder = None
-        if not every or game % every:
-            return
-        try:
-            recorder = GameRecorder(self.run_dir / "videos")
-            recorder.start(VIDEO_NAME.format(game=game + 1, step=self.counters.steps)
-                           .removesuffix(".mp4"))
-            loop.recorder = recorder
-        except VideoError as exc:
-            log.warning("cannot record video: %s", exc)
 
     def _shut_down(self, progress: Progress) -> int:
         why = self.stop.reason or f"reached run.max_steps={self.config.run.max_steps}"
@@ -337,36 +299,13 @@ class Daemon:
         return 3
 
     def _recover_stream(self, loop: ActingLoop, fault: Exception) -> bool:
-        """Recreate the stream after bounded exponential backoff, counting every failed
-        attempt as a consecutive failure; False = give up."""
-        faults = self.config.faults
-        while True:
-            self.stream_failures += 1
-            failures = self.stream_failures
-            self.counters.faults.stream_failures += 1
-            if failures >= faults.stream_max_failures:
-                log.error("stream failure %d/%d: %s", failures, faults.stream_max_failures,
-                          fault)
-                return False
-            wait = min(faults.stream_backoff_seconds * 2 ** (failures - 1),
-                       faults.stream_backoff_max_seconds)
-            log.warning("stream failure %d/%d: %s; recreating it in %.1fs", failures,
-                        faults.stream_max_failures, fault, wait)
-            deadline = time.monotonic() + wait
-            while self.stop.reason is None and time.monotonic() < deadline:
-                time.sleep(min(0.1, wait))  # stay responsive to signals while backing off
-            try:
-                self.stream.close()
-            except Exception:  # noqa: BLE001, S110 - a broken stream may fail to close too
-                pass
-            try:
-                self.stream = open_stream(self.config.env,
-                                          stream_seed(self.config.seed, self.counters.steps))
-                self.learner.reset_traces()
-                loop.attach(self.stream)
-                return True
-            except (StreamError, StreamFault) as exc:
-                fault = exc
+        def attach(stream: Stream) -> None:
+            self.stream = stream
+            self.learner.reset_traces()  # a new episode: no credit across the cut
+            loop.attach(stream)
+
+        return self.streams.recover(fault, self.stream, self.counters.steps,
+                                    self.counters.faults, attach)
 
     def rollback(self, why: str) -> None:
         """Restore the learner from the newest good checkpoint (counters keep going)."""
@@ -407,115 +346,17 @@ class Daemon:
         log.info("checkpoint %s", path.name)
         return True
 
-
     def release(self) -> None:
         """Give back the run directory's lock and the log handlers (for a next start in the
         same process)."""
-        root = logging.getLogger()
-        for handler in self._log_handlers:
-            root.removeHandler(handler)
-            handler.close()
+        close_logging(self._log_handlers)
         self._log_handlers = []
         stream = getattr(self, "stream", None)
         if stream is not None and self.loop is None:  # run() closes the one it used
             stream.close()
-        lock = getattr(self, "_lock_file", None)
-        if lock is not None:
-            lock.close()
-            self._lock_file = None
-
-
-def stream_seed(seed: int, steps: int) -> int:
-    """The stream's seed for a start at all-time step `steps`: `seed` for a new run, else
-    one derived from both, so that a restart that cannot restore the stream's state does
-    not replay the episode starts of the first run."""
-    if steps == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, steps]).generate_state(1)[0])
-
-
-class Progress:
-    """status.json, the live terminal line, periodic summary lines, game records."""
-
-    def __init__(self, daemon: Daemon, live: bool) -> None:
-        self.daemon = daemon
-        self.live = live
-        self.restart_note: str | None = None  # said in the next game record
-        self.started = time.time()
-        self.last_time = time.monotonic()
-        self.last_steps = daemon.counters.steps
-        self.steps_per_s = 0.0
-        self.next_status = 0.0
-        self.next_summary = time.monotonic() + daemon.config.log.summary_every_seconds
-        self.recent_returns: list[float] = []
-
-    def game_record(self, summary: GameSummary) -> dict[str, Any]:
-        self.recent_returns = (self.recent_returns + [summary.game_return])[-100:]
-        record = {"step": summary.step, "episode": summary.game, "return": summary.game_return,
-                  "length": summary.length, "time": round(time.time(), 3),
-                  "steps_per_s": round(self.steps_per_s, 1),
-                  **{k: round(v, 6) for k, v in summary.means.items()}}
-        if self.restart_note is not None:
-            record["restarted"], self.restart_note = self.restart_note, None
-        return record
-
-    def tick(self, now: float, state: str, force: bool = False) -> None:
-        if now > self.last_time + 0.5:
-            steps = self.daemon.counters.steps
-            self.steps_per_s = (steps - self.last_steps) / (now - self.last_time)
-            self.last_time, self.last_steps = now, steps
-        cfg = self.daemon.config.log
-        if force or now >= self.next_status:
-            self.write_status(state)
-            self.next_status = now + cfg.status_every_seconds
-        self.daemon.notifier.alive(self.line())
-        if self.live:
-            sys.stderr.write(f"\r{self.line()}  ")
-            sys.stderr.flush()
-        elif now >= self.next_summary:
-            log.info(self.line())
-            self.next_summary = now + cfg.summary_every_seconds
-
-    def line(self) -> str:
-        c = self.daemon.counters
-        mean = (sum(self.recent_returns) / len(self.recent_returns)
-                if self.recent_returns else float("nan"))
-        return (f"step {c.steps}  games {c.games}  return(last {len(self.recent_returns)}) "
-                f"{mean:.2f}  {self.steps_per_s:.0f} steps/s")
-
-    def write_status(self, state: str) -> None:
-        c = self.daemon.counters
-        write_status(self.daemon.run_dir / "status.json", {
-            "step": c.steps, "episodes": c.episodes, "games": c.games,
-            "last_checkpoint_step": self.daemon.last_checkpoint_step,
-            "steps_per_s": round(self.steps_per_s, 1), "pid": os.getpid(), "state": state,
-            "faults": asdict(c.faults), "publishing": self.daemon.publisher.status(),
-            **memory_mb(),
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
-        })
-
-
-def memory_mb() -> dict[str, float]:
-    """Current and peak resident memory (a leak shows as rss_mb creeping up over days)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        rss = float("nan")
-    return {"rss_mb": round(rss, 1), "peak_rss_mb": round(peak, 1)}
-
-
-def setup_logging(config: Config, log_file: Path) -> list[logging.Handler]:
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.setLevel(config.log.level)
-    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
-    return handlers
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,7 +204,7 @@ class ActingLoop:
         else:
             action, future = self._in_flight
             self._in_flight = None
-            self.learner.forward(obs)  # while the stream computes s'
+            self.learner.stand_on(obs)  # while the stream computes s'
             result = _sensor("step", future.result)
         next_obs, reward, terminated, truncated, info = result
         self.counters.steps += 1

@@ -23,7 +23,7 @@ class TensorBoardLog:
     def write(self, record: dict[str, Any]) -> None:
         step = record["step"]
         for key, value in record.items():
-            if key not in ("step", "episode", "time") and isinstance(value, (int, float)):
+            if key not in ("step", "game", "time") and isinstance(value, (int, float)):
                 self._writer.add_scalar(f"game/{key}", value, step)
 
     def close(self) -> None:
