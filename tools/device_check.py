@@ -81,8 +81,9 @@ from runtime.errors import first_line  # noqa: E402
 
 DEFAULT_FRAMES = ROOT / "tests" / "data" / "breakout_frames.npz"
 DEFAULT_DEVICE_DIR = Path("~/.cache/stream-agent/aarch64-bookworm")
-# What a wheel of the project is built from (a copy, so the tree gets no build/ litter).
-WHEEL_SOURCES = ("pyproject.toml", "README.md", "agent", "runtime")
+# What a wheel of the project is built from (a copy, so the tree gets no build/ litter):
+# all that `pip wheel .` in a checkout reads, tools included, which the wheel leaves out.
+WHEEL_SOURCES = ("pyproject.toml", "setup.py", "README.md", "agent", "runtime", "tools")
 PROJECT = "stream-agent-runtime"
 LEARNER_ONLY = ("torch", "onnx", "onnxscript")  # never on a device
 MIN_AGREEMENT = 0.999  # float model, aarch64 vs x86
