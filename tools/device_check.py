@@ -72,12 +72,12 @@ from typing import Any
 
 import numpy as np
 
+# runtime.* from the installed project: the editable install here, the wheel on the device.
+from runtime.cli import OneLineParser, UsageError, positive_int
+from runtime.errors import first_line
+
+# Not tools.ROOT: this file also runs on the device, where there is no tools package.
 ROOT = Path(__file__).resolve().parent.parent
-# runtime.* from the repository; on the device the installed wheel provides it.
-if str(ROOT) not in sys.path:
-    sys.path.insert(1, str(ROOT))
-from runtime.cli import OneLineParser, UsageError, positive_int  # noqa: E402
-from runtime.errors import first_line  # noqa: E402
 
 DEFAULT_FRAMES = ROOT / "tests" / "data" / "breakout_frames.npz"
 DEFAULT_DEVICE_DIR = Path("~/.cache/stream-agent/aarch64-bookworm")
