@@ -15,13 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, _env, cli, load_tool
+from tests.conftest import ROOT, _env, cli
+from tools import device_check as dc
 
 TOOL = ROOT / "tools" / "device_check.py"
 FRAMES = ROOT / "tests" / "data" / "breakout_frames.npz"
-
-
-dc = load_tool("device_check")
 
 
 def _tool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

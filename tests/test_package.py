@@ -10,9 +10,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.conftest import CARTPOLE, LEARNER_ONLY, ROOT, _env, cli, device_run, load_tool
+from tests.conftest import CARTPOLE, LEARNER_ONLY, ROOT, _env, cli, device_run
+from tools import device_check as dc
 
-dc = load_tool("device_check")
 DEVICE_DEPENDENCIES = {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py"}
 
 
