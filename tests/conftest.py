@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import device_check as dc
-from tools.device_check import LEARNER_ONLY
+from tools import device_wheel
+from tools.device_wheel import LEARNER_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = ["--set", "env.id=CartPole-v1"]
@@ -80,11 +80,11 @@ def _dependency_closure(requirements: list[str]) -> list:
 
 
 def make_device_venv(base: Path) -> dict:
-    """Build the wheel (tools.device_check.build_wheel), make a venv without pip, give it
+    """Build the wheel (tools.device_wheel.build_wheel), make a venv without pip, give it
     the wheel's dependencies from this environment (symlinks of exactly their files, so
     torch is not among them) and `pip install --no-index` the wheel into it, as a device
     installs it offline. `torch` and `onnx` in it raise on import, to be sure."""
-    wheel = dc.build_wheel(base / "dist")
+    wheel = device_wheel.build_wheel(base / "dist")
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -93,7 +93,7 @@ def make_device_venv(base: Path) -> dict:
                                   capture_output=True).stdout.strip())
     deps = base / "deps"
     deps.mkdir()
-    closure = _dependency_closure(dc.wheel_requirements(wheel))
+    closure = _dependency_closure(device_wheel.wheel_requirements(wheel))
     for dist in closure:
         for top in {f.parts[0] for f in dist.files or ()} - {"..", "__pycache__"}:
             if not (deps / top).exists():

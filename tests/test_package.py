@@ -11,21 +11,22 @@ import zipfile
 from pathlib import Path
 
 from tests.conftest import CARTPOLE, LEARNER_ONLY, ROOT, _env, cli, device_run
-from tools import device_check as dc
+from tools import device_wheel
 
 DEVICE_DEPENDENCIES = {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py"}
 
 
 def test_the_wheel_pulls_no_learner(device_venv: dict) -> None:
-    required = {dc.requirement_name(r) for r in dc.wheel_requirements(device_venv["wheel"])}
+    required = {device_wheel.requirement_name(r)
+                for r in device_wheel.wheel_requirements(device_venv["wheel"])}
     assert required == DEVICE_DEPENDENCIES
     assert not set(device_venv["dependencies"]) & set(LEARNER_ONLY)
     assert not (ROOT / "requirements-device.txt").exists()  # the wheel replaces it
 
 
 def test_the_wheel_leaves_the_tools_out(device_venv: dict) -> None:
-    """build_wheel builds from pyproject.toml, setup.py and the tools too, as `pip wheel .`
-    in a checkout does; only agent and runtime go in (setup.py says why)."""
+    """device_wheel.build_wheel reads pyproject.toml, setup.py and the tools too, as
+    `pip wheel .` in a checkout does; only agent and runtime go in (setup.py says why)."""
     with zipfile.ZipFile(device_venv["wheel"]) as archive:
         top = {name.split("/")[0] for name in archive.namelist()}
     assert {name for name in top if not name.endswith(".dist-info")} == {"agent", "runtime"}
