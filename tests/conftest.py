@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from tools import device_wheel
+from tools.device_wheel import LEARNER_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = ["--set", "env.id=CartPole-v1"]
@@ -21,15 +22,6 @@ def cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedPr
     """Run `python -m module args` from the repository root; returns the finished process."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=timeout, env=_env())
-
-
-def load_tool(name: str) -> ModuleType:
-    """Import tools/<name>.py as a module (tools/ holds scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def start_daemon(*args: str) -> subprocess.Popen[str]:
@@ -64,9 +56,6 @@ def run_dir(tmp_path: Path) -> Path:
 
 # -- the device install: the project's wheel in a fresh venv without torch ---------------------
 
-LEARNER_ONLY = ("torch", "onnx", "onnxscript")
-
-
 def _dependency_closure(requirements: list[str]) -> list:
     """The installed distributions (importlib.metadata) that `requirements` pull,
     transitively, extras and non-matching markers left out."""
@@ -91,12 +80,11 @@ def _dependency_closure(requirements: list[str]) -> list:
 
 
 def make_device_venv(base: Path) -> dict:
-    """Build the wheel (tools/device_check.build_wheel), make a venv without pip, give it
+    """Build the wheel (tools.device_wheel.build_wheel), make a venv without pip, give it
     the wheel's dependencies from this environment (symlinks of exactly their files, so
     torch is not among them) and `pip install --no-index` the wheel into it, as a device
     installs it offline. `torch` and `onnx` in it raise on import, to be sure."""
-    dc = load_tool("device_check")
-    wheel = dc.build_wheel(base / "dist")
+    wheel = device_wheel.build_wheel(base / "dist")
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -105,7 +93,7 @@ def make_device_venv(base: Path) -> dict:
                                   capture_output=True).stdout.strip())
     deps = base / "deps"
     deps.mkdir()
-    closure = _dependency_closure(dc.wheel_requirements(wheel))
+    closure = _dependency_closure(device_wheel.wheel_requirements(wheel))
     for dist in closure:
         for top in {f.parts[0] for f in dist.files or ()} - {"..", "__pycache__"}:
             if not (deps / top).exists():

@@ -9,7 +9,7 @@ import pytest
 
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.metrics import metrics_path, read_jsonl
-from tests.conftest import load_tool
+from tools import archive_run
 
 
 def _run(run_dir: Path) -> None:
@@ -25,7 +25,6 @@ def _run(run_dir: Path) -> None:
 
 
 def test_archive_keeps_the_figures_and_the_newest_good_checkpoint(tmp_path: Path) -> None:
-    archive_run = load_tool("archive_run")
     _run(tmp_path / "run")
     dest = tmp_path / "docs" / "runs" / "x" / "seed-0"
     archive_run.archive(tmp_path / "run", dest, with_checkpoint=True)
@@ -39,6 +38,5 @@ def test_archive_keeps_the_figures_and_the_newest_good_checkpoint(tmp_path: Path
 
 
 def test_a_run_without_metrics_is_refused(tmp_path: Path) -> None:
-    archive_run = load_tool("archive_run")
     with pytest.raises(FileNotFoundError):
         archive_run.archive(tmp_path, tmp_path / "dest", with_checkpoint=False)

@@ -1,6 +1,8 @@
 """tools/device_check.py without the emulator: parity logic, the recorded frame set, the
-native side of the check on an exported model, and how the wheel gets onto the device. The
-emulated run itself takes minutes and runs only with RUN_DEVICE_CHECK=1."""
+probe (tools/device_probe.py) on an exported model, how the wheel gets onto the device
+(tools/device_emulator.py, tools/device_wheel.py), and the whole check with a device that is
+a directory of this machine. The emulated run itself takes minutes and runs only with
+RUN_DEVICE_CHECK=1."""
 
 from __future__ import annotations
 
@@ -15,17 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, _env, cli, load_tool
+from tests.conftest import ROOT, _device_env, _env, cli
+from tools import device_check as dc
+from tools import device_emulator as emulator
+from tools import device_probe, device_wheel
 
 TOOL = ROOT / "tools" / "device_check.py"
+PROBE = ROOT / "tools" / "device_probe.py"
 FRAMES = ROOT / "tests" / "data" / "breakout_frames.npz"
 
 
-dc = load_tool("device_check")
-
-
-def _tool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(TOOL), *args], cwd=ROOT, text=True,
+def _tool(*args: str, timeout: float = 300, tool: Path = TOOL
+          ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(tool), *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=timeout, env=_env())
 
 
@@ -114,14 +118,14 @@ def test_non_finite_or_mismatched_logits() -> None:
 # -- the frame set ---------------------------------------------------------------------------
 
 def test_frame_set_shape_and_dtype() -> None:
-    frames = dc.load_frames(FRAMES)
+    frames = device_probe.load_frames(FRAMES)
     assert frames.dtype == np.uint8
     assert frames.shape[1:] == (4, 84, 84) and 64 <= frames.shape[0] <= 128
     assert FRAMES.stat().st_size < 200_000
 
 
 def test_frame_set_is_real_breakout_not_noise() -> None:
-    frames = dc.load_frames(FRAMES)
+    frames = device_probe.load_frames(FRAMES)
     # Mostly the black background...
     assert np.bincount(frames.ravel(), minlength=256).argmax() == 0
     assert (frames == 0).mean() > 0.5
@@ -147,7 +151,7 @@ def test_frame_set_regenerates_identically(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["frames"] == 8 and summary["shape"] == [8, 4, 84, 84]
-    np.testing.assert_array_equal(dc.load_frames(tmp_path / "f.npz"), frames[:8])
+    np.testing.assert_array_equal(device_probe.load_frames(tmp_path / "f.npz"), frames[:8])
 
 
 def test_bad_frame_files_are_refused(tmp_path: Path) -> None:
@@ -156,22 +160,22 @@ def test_bad_frame_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.npz").write_text("not a zip")
     for name, match in (("nokey", "no 'frames'"), ("float", "uint8"),
                         ("junk", "not a readable"), ("missing", "not a readable")):
-        with pytest.raises(dc.DeviceCheckError, match=match):
-            dc.load_frames(tmp_path / f"{name}.npz")
+        with pytest.raises(device_probe.DeviceCheckError, match=match):
+            device_probe.load_frames(tmp_path / f"{name}.npz")
 
 
 # -- the native side of the check ------------------------------------------------------------
 
 def test_probe_on_an_exported_model(exported: Path) -> None:
-    frames = dc.load_frames(FRAMES)
-    result = dc.probe(exported, frames)
+    frames = device_probe.load_frames(FRAMES)
+    result = device_probe.probe(exported, frames)
     logits, actions, summary = result["logits"], result["actions"], result["summary"]
     assert logits.shape == (len(frames), 4) and logits.dtype == np.float32
     np.testing.assert_array_equal(actions, logits.argmax(axis=1))
     assert summary["graph_action_is_argmax"]
     assert summary["size_bytes"] == exported.stat().st_size
     assert summary["latency_us_p50"] > 0
-    assert dc.compare_logits(logits, dc.probe(exported, frames)["logits"])["passed"]
+    assert dc.compare_logits(logits, device_probe.probe(exported, frames)["logits"])["passed"]
 
 
 def test_native_probe_process_is_torch_free(exported: Path, tmp_path: Path) -> None:
@@ -181,7 +185,7 @@ def test_native_probe_process_is_torch_free(exported: Path, tmp_path: Path) -> N
     assert summary["torch_imported"] is False
     assert summary["vmhwm_kb"] and summary["vmhwm_kb"] >= summary["vmrss_kb"] > 0
     assert arrays["logits"].shape == (summary["frames"], 4)
-    bare = json.loads(_tool("--bare").stdout)
+    bare = json.loads(_tool("--bare", tool=PROBE).stdout)
     assert 0 < bare["vmhwm_kb"] < summary["vmhwm_kb"]
 
 
@@ -195,11 +199,11 @@ def test_int8_sibling_lookup(tmp_path: Path) -> None:
 
 def test_only_data_is_copied_in(tmp_path: Path) -> None:
     """The runtime comes from the installed wheel: no source file is copied onto the device."""
-    device = dc.Device(tmp_path / "dev")
+    device = emulator.Device(tmp_path / "dev")
     model = tmp_path / "policy.onnx"
     model.write_bytes(b"onnx")
     placed = device.stage_app([model], FRAMES)
-    app = device.rootfs / dc.APP.lstrip("/")
+    app = device.rootfs / emulator.APP.lstrip("/")
     files = sorted(str(p.relative_to(app)) for p in app.rglob("*") if p.is_file())
     assert files == ["device_probe.py", "frames.npz", "model/policy.onnx"]
     assert placed == {str(model): "model/policy.onnx"}
@@ -208,8 +212,8 @@ def test_only_data_is_copied_in(tmp_path: Path) -> None:
 def test_the_device_gets_the_wheel_and_its_aarch64_dependencies(tmp_path: Path) -> None:
     """ensure_wheels downloads (pip, host) the wheel's own requirements for aarch64 once,
     puts the project wheel beside them, and the device installs that wheel offline."""
-    wheel = dc.build_wheel(tmp_path / "dist")
-    device = dc.Device(tmp_path / "dev")
+    wheel = device_wheel.build_wheel(tmp_path / "dist")
+    device = emulator.Device(tmp_path / "dev")
     calls: list[list[str]] = []
 
     def fake_host(argv, log_name, **_kw):  # noqa: ANN001, ANN202 - stands in for pip download
@@ -223,19 +227,20 @@ def test_the_device_gets_the_wheel_and_its_aarch64_dependencies(tmp_path: Path) 
     (cmd,) = calls
     assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
     assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--platform"] == \
-        list(dc.WHEEL_PLATFORMS)
+        list(emulator.WHEEL_PLATFORMS)
     assert cmd[cmd.index("--python-version") + 1] == "3.11"
     requirements = (device.wheels / "requirements.txt").read_text().split()
-    assert {dc.requirement_name(r) for r in requirements} == \
+    assert {device_wheel.requirement_name(r) for r in requirements} == \
         {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py"}
-    assert wheel.name in names and digest == dc.wheel_digest(wheel)
+    assert wheel.name in names and digest == device_wheel.wheel_digest(wheel)
     assert device.ensure_wheels(wheel)[1] == digest and len(calls) == 1  # reused
-    rebuilt = dc.build_wheel(tmp_path / "dist2")
-    assert dc.wheel_digest(rebuilt) == digest  # same sources, same digest, whatever the time
-    argv = dc.device_install_argv(wheel.name)
-    assert argv[:4] == [f"{dc.VENV}/bin/python", "-m", "pip", "install"]
-    assert "--no-index" in argv and argv[argv.index("--find-links") + 1] == dc.WHEELS
-    assert argv[-1] == f"{dc.WHEELS}/{wheel.name}"
+    rebuilt = device_wheel.build_wheel(tmp_path / "dist2")
+    # same sources, same digest, whatever the time
+    assert device_wheel.wheel_digest(rebuilt) == digest
+    argv = emulator.device_install_argv(wheel.name)
+    assert argv[:4] == [f"{emulator.VENV}/bin/python", "-m", "pip", "install"]
+    assert "--no-index" in argv and argv[argv.index("--find-links") + 1] == emulator.WHEELS
+    assert argv[-1] == f"{emulator.WHEELS}/{wheel.name}"
 
 
 def test_a_wheel_that_requires_torch_is_refused(tmp_path: Path) -> None:
@@ -247,24 +252,35 @@ def test_a_wheel_that_requires_torch_is_refused(tmp_path: Path) -> None:
                          "Name: stream-agent-runtime\nRequires-Dist: numpy<3\n"
                          "Requires-Dist: torch>=2.4\n"
                          "Requires-Dist: pytest; extra == \"dev\"\n")
-    assert dc.wheel_requirements(wheel) == ["numpy<3", "torch>=2.4"]
-    with pytest.raises(dc.DeviceCheckError, match="torch"):
-        dc.Device(tmp_path / "dev").ensure_wheels(wheel)
+    assert device_wheel.wheel_requirements(wheel) == ["numpy<3", "torch>=2.4"]
+    with pytest.raises(device_probe.DeviceCheckError, match="torch"):
+        emulator.Device(tmp_path / "dev").ensure_wheels(wheel)
 
 
-def test_probe_file_imports_nothing_heavy_at_module_level() -> None:
-    """The probe runs on the device with the installed wheel: numpy, onnxruntime and the
-    device side of runtime (never runtime.daemon)."""
-    top = [line for line in TOOL.read_text().splitlines()
-           if re.match(r"(import|from) \w", line)]
-    dotted = {re.match(r"(?:import|from) ([\w.]+)", line).group(1) for line in top}
+def test_probe_file_imports_only_what_a_device_has() -> None:
+    """The probe is one file on the device, beside the installed wheel: the standard
+    library, numpy, onnxruntime and the device side of runtime (never runtime.daemon), and
+    nothing of tools/, which the device does not have. Its lazy imports count too."""
+    lines = [line.strip() for line in PROBE.read_text().splitlines()]
+    dotted = {re.match(r"(?:import|from) ([\w.]+)", line).group(1) for line in lines
+              if re.match(r"(import|from) \w", line)}
     runtime = {name for name in dotted if name.startswith("runtime")}
     assert runtime and not any(name.startswith("runtime.daemon") for name in runtime)
     modules = {name.split(".")[0] for name in dotted - runtime}
-    assert modules <= {"__future__", "argparse", "contextlib", "ctypes", "hashlib", "json",
-                       "os", "platform", "re", "shutil", "struct", "subprocess", "sys",
-                       "tempfile", "time", "zipfile", "collections", "pathlib", "typing",
-                       "numpy"}, modules
+    assert modules <= {"__future__", "argparse", "contextlib", "importlib", "json",
+                       "platform", "sys", "time", "collections", "pathlib", "typing",
+                       "numpy", "onnxruntime"}, modules
+
+
+def test_probe_cli_refuses_bad_usage_with_one_line(tmp_path: Path) -> None:
+    done = _tool("--model", str(tmp_path / "policy.onnx"), tool=PROBE)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "device_probe: error: --model needs --frames and --out"
+    done = _tool("--model", str(tmp_path / "policy.onnx"), "--frames", str(FRAMES),
+                 "--out", str(tmp_path / "out.npz"), tool=PROBE)
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("device_probe: error: ")
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter is x86-64's")
@@ -278,12 +294,59 @@ def test_untranslated_syscalls_fail_with_enosys(tmp_path: Path) -> None:
               "e = ctypes.get_errno()\n"
               "r2 = libc.syscall(439, -100, b'/', 0, 0)\n"
               "print(r, e, r2, ctypes.get_errno(), os.access('/', os.R_OK), os.stat('/').st_mode)")
-    device = dc.Device(tmp_path)
+    device = emulator.Device(tmp_path)
     rc, out, err, maxrss = device.host([sys.executable, "-c", script], "enosys", seccomp=True)
     assert rc == 0, err
     r, errno, r2, errno2, access, _ = out.split()
     assert (r, errno, r2, errno2, access) == ("-1", "38", "-1", "38", "True")
     assert maxrss > 0
+
+
+# -- the whole check, on a device that is a directory of this machine ------------------------
+
+class NativeDevice(emulator.Device):
+    """No root file system, no proot, no qemu: the staged app runs with this interpreter,
+    from its directory. Everything else of run_check runs as it does for the emulator."""
+
+    def ensure_rootfs(self, rebuild: bool = False) -> dict:
+        return {"reused": True, "seconds": 0.0}
+
+    def ensure_wheels(self, wheel: Path) -> tuple[list[str], str]:
+        return [wheel.name], device_wheel.wheel_digest(wheel)
+
+    def ensure_venv(self, wheel_name: str, digest: str) -> dict:
+        return {"reused": True, "seconds": 0.0}
+
+    def device_python(self, argv, log_name, timeout):  # noqa: ANN001, ANN201
+        done = subprocess.run([sys.executable, *argv], cwd=self.rootfs / emulator.APP.lstrip("/"),
+                              text=True, capture_output=True, timeout=timeout,
+                              env=_device_env())
+        return done.returncode, done.stdout, done.stderr, 1
+
+
+def test_the_whole_check_on_a_native_device(exported: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_check end to end, the copied probe and `python -m runtime.infer` run from the
+    staged app: the same machine on both sides agrees exactly, and it has torch."""
+    model = tmp_path / "policy.onnx"
+    model.write_bytes(exported.read_bytes())
+    (tmp_path / "policy.int8.onnx").write_bytes(exported.read_bytes())  # a stand-in sibling
+    monkeypatch.setattr(dc, "Device", NativeDevice)
+    result = dc.run_check(dc.parse_args(["--model", str(model), "--max-steps", "20",
+                                         "--device-dir", str(tmp_path / "dev")]))
+    assert result["parity"]["passed"] and result["parity"]["action_agreement"] == 1.0
+    assert result["parity"]["max_abs_logit_diff"] == 0.0
+    assert result["parity"]["graph_actions_agree"] == 1.0
+    assert result["game"]["same_trajectory"] and result["game"]["device"]["steps"] == 20
+    assert result["device"]["machine"] == platform.machine()
+    assert result["int8"]["vs_float_on_device"]["passed"] and result["int8"]["vs_x86"]["passed"]
+    assert result["memory_kb"]["device_bare_python_vmhwm"] > 0
+    assert set(result["durations_s"]) == {"native", "build", "check", "total"}
+    assert result["build"]["wheel"].startswith(device_wheel.WHEEL_PREFIX)
+    # This machine is no device: the learner is installed, and the check says so.
+    assert result["device"]["torch_installed"] is True
+    assert result["failures"] == ["torch or onnx is installed on the device"]
+    assert result["passed"] is False
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -303,7 +366,7 @@ def test_cli_exit_codes_follow_the_result(capsys: pytest.CaptureFixture[str],
                                    "on 98.00%"
 
     def broken(args: object) -> dict:
-        raise dc.DeviceCheckError("debootstrap --foreign failed (exit 1): no network")
+        raise device_probe.DeviceCheckError("debootstrap --foreign failed (exit 1): no network")
 
     assert dc.main(["--model", str(model)], run=broken) == 1
     assert capsys.readouterr().err.count("\n") == 1

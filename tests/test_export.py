@@ -17,13 +17,11 @@ from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.daemon.config import EnvConfig, from_dict
 from runtime.infer import ModelError, Policy, check_fits, make_stream_from_metadata
 from runtime.streams import make_stream, open_stream
-from tests.conftest import CARTPOLE, ROOT, _env, cli, load_tool
+from tests.conftest import CARTPOLE, ROOT, _env, cli
+from tools import export_onnx as ex
 
 EXPORT = ROOT / "tools" / "export_onnx.py"
 BREAKOUT_STEPS = 200
-
-
-ex = load_tool("export_onnx")
 
 
 def _export(*args: str) -> subprocess.CompletedProcess[str]:

@@ -4,11 +4,9 @@ run ends where a run that was never killed ends."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from soak_kill import soak  # noqa: E402
+from tools.soak_kill import soak
 
 
 def test_twenty_kills_in_a_row_lose_nothing(run_dir: Path) -> None:

@@ -15,7 +15,8 @@ from agent.config import AgentConfig
 from agent.learner import A2CLearner, Transition
 from agent.optimizers import ObGD
 from runtime.daemon.config import load_config
-from tests.conftest import ROOT, load_tool
+from tests.conftest import ROOT
+from tools import bench_cartpole
 
 PLAIN = AgentConfig(network="mlp", hidden_size=16, normalize_observations=False,
                     reward_transform="none")
@@ -235,9 +236,8 @@ def test_it_learns_cartpole_with_the_default_settings() -> None:
 def test_it_still_learns_cartpole_with_the_stream_overlapped() -> None:
     """run.overlap_stream (the policy lags one update) through the daemon's own loop.
     Measured (tools/bench_cartpole.py --set run.overlap_stream=true): seed 0 reaches 451."""
-    bench = load_tool("bench_cartpole")
-    assert bench.last_20_mean(str(ROOT / "config.yaml"), ["run.overlap_stream=true"],
-                              seed=0, steps=20_000) >= 150
+    assert bench_cartpole.last_20_mean(str(ROOT / "config.yaml"), ["run.overlap_stream=true"],
+                                       seed=0, steps=20_000) >= 150
 
 
 def test_adam_state_saved_per_tensor_is_re_laid_into_the_flat_buffer() -> None:

@@ -1,23 +1,46 @@
-"""The device install: the project's wheel, installed without torch, plays from anywhere."""
+"""The two installs: the device's wheel (agent and runtime, installed without torch) plays
+from anywhere; the editable checkout runs its tools from anywhere."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
-from tests.conftest import CARTPOLE, LEARNER_ONLY, ROOT, _env, cli, device_run, load_tool
+from tests.conftest import CARTPOLE, LEARNER_ONLY, ROOT, _env, cli, device_run
+from tools import device_wheel
 
-dc = load_tool("device_check")
 DEVICE_DEPENDENCIES = {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py"}
 
 
 def test_the_wheel_pulls_no_learner(device_venv: dict) -> None:
-    required = {dc.requirement_name(r) for r in dc.wheel_requirements(device_venv["wheel"])}
+    required = {device_wheel.requirement_name(r)
+                for r in device_wheel.wheel_requirements(device_venv["wheel"])}
     assert required == DEVICE_DEPENDENCIES
     assert not set(device_venv["dependencies"]) & set(LEARNER_ONLY)
     assert not (ROOT / "requirements-device.txt").exists()  # the wheel replaces it
+
+
+def test_the_wheel_leaves_the_tools_out(device_venv: dict) -> None:
+    """device_wheel.build_wheel reads pyproject.toml, setup.py and the tools too, as
+    `pip wheel .` in a checkout does; only agent and runtime go in (setup.py says why)."""
+    with zipfile.ZipFile(device_venv["wheel"]) as archive:
+        top = {name.split("/")[0] for name in archive.namelist()}
+    assert {name for name in top if not name.endswith(".dist-info")} == {"agent", "runtime"}
+    assert not (device_venv["purelib"] / "tools").exists()
+
+
+def test_tools_run_as_scripts_from_anywhere(tmp_path: Path) -> None:
+    """`python tools/sweep.py` puts tools/, not the checkout, first on sys.path: its
+    `from tools import ...` resolves through the editable install, from any directory."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "sweep.py"), "--help"],
+                          cwd=tmp_path, text=True, capture_output=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: sweep")
 
 
 def test_installed_wheel_plays_outside_the_repository(device_venv: dict,

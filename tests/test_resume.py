@@ -20,7 +20,8 @@ from runtime.daemon.lifecycle import Daemon
 from runtime.daemon.loop import ActingLoop
 from runtime.daemon.supervision import stream_seed
 from runtime.metrics import read_jsonl
-from tests.conftest import ROOT, cli, load_tool, start_daemon, wait_for_status
+from tests.conftest import ROOT, cli, start_daemon, wait_for_status
+from tools.bench_learning import summarize
 
 WALL_CLOCK = ("time", "steps_per_s")
 
@@ -235,7 +236,6 @@ def test_sigkill_between_checkpoints_then_restart_counts_every_game_once(
     status = json.loads((run / "status.json").read_text())
     assert status["games"] == len(ours) == \
         json.loads((tmp_path / "reference" / "status.json").read_text())["games"]
-    summarize = load_tool("bench_learning").summarize
     wall = ("run_dir", "wall_s", "steps_per_s")
     summary = {k: v for k, v in summarize(run).items() if k not in wall}
     assert summary == {k: v for k, v in summarize(tmp_path / "reference").items()

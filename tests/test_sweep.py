@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from runtime.metrics import read_jsonl
-from tests.conftest import ROOT, _env, load_tool, wait_for_status
-from tools import sweep  # a module, not load_tool(): its dataclass needs sys.modules
+from tests.conftest import ROOT, _env, wait_for_status
+from tools import plot_metrics, sweep
 from tools.seed_stats import bootstrap_ci, iqm, iqm_weights, last_games_mean
 
 STEPS = 1500
@@ -145,13 +145,13 @@ def test_a_grid_that_changes_a_run_dirs_settings_is_refused(swept: Path, capsys)
 
 def test_group_mode_of_plot_metrics_draws_one_band_per_config(swept: Path,
                                                               tmp_path: Path) -> None:
-    plot = load_tool("plot_metrics")
     dirs = ",".join(str(swept / CONFIGS[1] / f"seed-{s}") for s in (0, 1))
     out = tmp_path / "sweep.png"
-    assert plot.main(["--group", str(swept / "default"), "--group", f"floor={dirs}",
-                      str(swept / "default" / "seed-0"), "--out", str(out)]) == 0
+    assert plot_metrics.main(["--group", str(swept / "default"), "--group", f"floor={dirs}",
+                              str(swept / "default" / "seed-0"), "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000
-    grid, curves = plot.seed_curves([swept / "default" / f"seed-{s}" for s in (0, 1)], 100)
+    seeds = [swept / "default" / f"seed-{s}" for s in (0, 1)]
+    grid, curves = plot_metrics.seed_curves(seeds, 100)
     assert curves.shape == (2, len(grid)) and np.isfinite(curves).all()
     assert grid[-1] <= STEPS and np.all(np.diff(grid) > 0)
 

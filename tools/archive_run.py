@@ -19,9 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint  # noqa: E402,E501
+from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
 
 COPIED = ("status.json", "bench.json", "config.yaml")
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from agent.learner import A2CLearner  # noqa: E402
-from runtime.daemon.config import load_config  # noqa: E402
-from runtime.daemon.loop import ActingLoop, Counters  # noqa: E402
-from runtime.streams import open_stream  # noqa: E402
+from agent.learner import A2CLearner
+from runtime.daemon.config import load_config
+from runtime.daemon.loop import ActingLoop, Counters
+from runtime.streams import open_stream
+from tools import ROOT
 
 
 def last_20_mean(config_path: str, overrides: list[str], seed: int, steps: int) -> float:

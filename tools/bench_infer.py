@@ -27,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools import ROOT
 
 
 def _peak_rss_mb() -> float:
@@ -110,8 +109,7 @@ def child_torch(checkpoint: str, frames_path: str, repeats: int) -> dict:
 
 
 def _run_child(kind: str, target: str, frames_path: str, repeats: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, __file__, "--child", kind, "--target", target,
                            "--frames-file", frames_path, "--repeats", str(repeats)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_dir is None and args.checkpoint is None:
         parser.error("one of --run-dir or --checkpoint is required")
 
-    import export_onnx as ex  # tools/ is on sys.path when run as a script
+    from tools import export_onnx as ex  # here, not at the top: the onnx child has no torch
 
     try:
         payload, ckpt = ex.resolve_checkpoint(args.run_dir, args.checkpoint)

@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from runtime.metrics import metrics_path, read_jsonl  # noqa: E402
+from runtime.metrics import metrics_path, read_jsonl
+from tools import ROOT
 
 PRESETS = {"default": ROOT / "config.yaml", "seed": ROOT / "presets" / "seed.yaml"}
 

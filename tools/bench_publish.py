@@ -29,14 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from agent.learner import A2CLearner  # noqa: E402
-from runtime.daemon.config import load_config  # noqa: E402
-from runtime.daemon.lifecycle import configure_torch  # noqa: E402
-from runtime.daemon.loop import ActingLoop, Counters  # noqa: E402
-from runtime.daemon.publish import Publisher  # noqa: E402
-from runtime.streams import open_stream  # noqa: E402
+from agent.learner import A2CLearner
+from runtime.daemon.config import load_config
+from runtime.daemon.lifecycle import configure_torch
+from runtime.daemon.loop import ActingLoop, Counters
+from runtime.daemon.publish import Publisher
+from runtime.streams import open_stream
+from tools import ROOT
 
 
 def _spread(values: list[float], digits: int = 1) -> dict[str, float]:

@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import sys
 import time
 
 import numpy as np
-
-# Allow running as a plain script from the repository root or elsewhere.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from runtime.streams import make_stream
 

@@ -32,14 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from agent.learner import A2CLearner, Transition  # noqa: E402
-from agent.networks import build_network  # noqa: E402
-from runtime.daemon.config import load_config  # noqa: E402
-from runtime.daemon.lifecycle import configure_torch  # noqa: E402
-from runtime.daemon.loop import ActingLoop, Counters  # noqa: E402
-from runtime.streams import open_stream  # noqa: E402
+from agent.learner import A2CLearner, Transition
+from agent.networks import build_network
+from runtime.daemon.config import load_config
+from runtime.daemon.lifecycle import configure_torch
+from runtime.daemon.loop import ActingLoop, Counters
+from runtime.streams import open_stream
+from tools import ROOT
 
 Step = Callable[[], None]
 

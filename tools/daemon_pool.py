@@ -17,10 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from pathlib import Path
 from typing import Any, TypeVar
 
-ROOT = Path(__file__).resolve().parents[1]
+from tools import ROOT
+
 RAY_HINT = "--ray needs the ray extra: pip install 'stream-agent-runtime[ray]'"
 Result = tuple[int, str, float]  # a daemon's exit code, last stderr line, wall seconds
 Key = TypeVar("Key", bound=Hashable)  # what the caller names a work item by
@@ -159,7 +159,8 @@ def run_on_ray(work: list[tuple[Key, list[str]]], done: Callable[[Key, Result], 
     ray = connect_ray(address, jobs)
     module = sys.modules.get(run_daemon.__module__)
     if module is not None and module.__name__ != "__main__":
-        # workers cannot import tools/ as a module: ship the task's code with it
+        # tools is in no wheel, so a worker on another machine cannot import it: ship the
+        # task's code with it
         ray.cloudpickle.register_pickle_by_value(module)
     task = ray.remote(num_cpus=1)(run_daemon)
     pending = {task.remote(args, str(ROOT)): key for key, args in work}

@@ -33,15 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import torch
 
-# Allow running as a plain script from the repository root or elsewhere.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import onnx  # noqa: E402
-import torch  # noqa: E402
-
-from runtime.cli import OneLineParser, UsageError  # noqa: E402
-from runtime.daemon.export import (  # noqa: E402
+from runtime.cli import OneLineParser, UsageError
+from runtime.daemon.export import (
     DEFAULT_OPSET,
     MIN_OPSET,
     PARITY_FRAMES,
@@ -57,8 +53,8 @@ from runtime.daemon.export import (  # noqa: E402
     stream_spec,
     training_frames,
 )
-from runtime.infer import Policy  # noqa: E402
-from runtime.streams import StreamError  # noqa: E402
+from runtime.infer import Policy
+from runtime.streams import StreamError
 
 INT8_MIN_AGREEMENT = 0.97
 CALIBRATION_FRAMES = 128

@@ -16,15 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure  # not pyplot: no display, no global backend to set
 
-matplotlib.use("Agg")  # no display on the machines this runs on
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from runtime.metrics import metrics_path, read_jsonl  # noqa: E402
-from tools.seed_stats import bootstrap_ci  # noqa: E402
+from runtime.metrics import metrics_path, read_jsonl
+from tools.seed_stats import bootstrap_ci
 
 GRID_POINTS = 200
 
@@ -61,7 +58,7 @@ def seed_curves(run_dirs: list[Path], window: int) -> tuple[np.ndarray, np.ndarr
                            for steps, means in runs])
 
 
-def plot_group(ax: plt.Axes, spec: str, window: int) -> None:
+def plot_group(ax: Axes, spec: str, window: int) -> None:
     name, run_dirs = group_runs(spec)
     missing = [str(d) for d in run_dirs if not metrics_path(d).exists()]
     if not run_dirs or missing:
@@ -89,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.run_dirs and not args.group:
         parser.error("give run dirs or --group")
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     for spec in args.group:
         try:
             plot_group(ax, spec, args.window)

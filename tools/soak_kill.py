@@ -26,11 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import torch  # noqa: E402
+import torch
 
-from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint  # noqa: E402
+from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
+from tools import ROOT
 
 
 class Violation(Exception):
@@ -45,8 +44,7 @@ def _command(run_dir: Path, env_id: str, *extra: str) -> list[str]:
 
 
 def _start(run_dir: Path, env_id: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen(_command(run_dir, env_id), cwd=ROOT, env=env,
+    return subprocess.Popen(_command(run_dir, env_id), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -181,8 +179,7 @@ def _compare_with_uninterrupted(run_dir: Path, final: int, env_id: str) -> dict[
     returns what was compared."""
     reference = run_dir.with_name(run_dir.name + "-uninterrupted")
     done = subprocess.run(_command(reference, env_id, "--max-steps", str(final), "--fresh"),
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                          capture_output=True, timeout=600)
+                          cwd=ROOT, capture_output=True, timeout=600)
     if done.returncode != 0:
         raise Violation(f"the uninterrupted run exited {done.returncode}")
     games = _games(run_dir)

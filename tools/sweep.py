@@ -44,15 +44,14 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from runtime.cli import OneLineParser, UsageError, positive_int  # noqa: E402
-from runtime.daemon.config import ConfigError, load_config  # noqa: E402
-from runtime.files import write_atomic  # noqa: E402
-from runtime.metrics import metrics_path, read_jsonl  # noqa: E402
-from tools.bench_learning import PRESETS, summarize  # noqa: E402
-from tools.daemon_pool import LocalPool, Result, connect_ray, run_on_ray  # noqa: E402
-from tools.seed_stats import bootstrap_ci, iqm, last_games_mean  # noqa: E402
+from runtime.cli import OneLineParser, UsageError, positive_int
+from runtime.daemon.config import ConfigError, load_config
+from runtime.files import write_atomic
+from runtime.metrics import metrics_path, read_jsonl
+from tools import ROOT
+from tools.bench_learning import PRESETS, summarize
+from tools.daemon_pool import LocalPool, Result, connect_ray, run_on_ray
+from tools.seed_stats import bootstrap_ci, iqm, last_games_mean
 
 SWEEP_KEYS = ("seed", "run.dir", "run.max_steps")  # the sweep sets these itself
 RESAMPLES = 2000
