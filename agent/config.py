@@ -55,9 +55,11 @@ class AgentConfig:
     """How the agent learns: network, optimiser, targets and normalisation."""
 
     network: str = option(
-        "auto", "auto | seed | stream | mlp. auto picks seed (a shared conv trunk) for "
-        "image observations and mlp for vectors, so one config serves every stream.",
-        one_of("auto", "stream", "seed", "mlp"))
+        "auto", "auto | shared-conv | stream | mlp. auto picks shared-conv (one conv trunk "
+        "under linear policy and value heads) for image observations and mlp for vectors, "
+        "so one config serves every stream. stream: separate stream-x conv towers. 'seed' "
+        "is read as shared-conv, its former name.",
+        one_of("auto", "shared-conv", "stream", "mlp", "seed"))
     hidden_size: int = option(256, "Width of the hidden fully connected layers (stream, mlp).",
                               at_least(1))
     sparsity: float = option(0.9, "Fraction of each unit's fan-in zeroed by the sparse "

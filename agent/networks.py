@@ -1,4 +1,4 @@
-"""Actor-critic networks: the seed notebook's, the streaming-RL one, and an MLP.
+"""Actor-critic networks: the seed notebook's shared conv trunk, the stream-x towers, an MLP.
 
 Every network takes observations exactly as the stream gives them (uint8 frames or float
 vectors) and does its own scaling and normalisation, so the exported actor needs nothing
@@ -185,15 +185,21 @@ def _flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
     return flat
 
 
-def resolve_network(name: str, observation_shape: tuple[int, ...]) -> str:
-    """`auto` -> seed for stacked frames (C, H, W), mlp for vectors.
+# Names networks had before they were named by their shape; still read (configs,
+# checkpoints) as the network they always meant.
+FORMER_NAMES = {"seed": "shared-conv"}
 
-    For frames the shared trunk wins: with ObGD on Breakout the seed network's trunk, which
+
+def resolve_network(name: str, observation_shape: tuple[int, ...]) -> str:
+    """`auto` -> shared-conv for stacked frames (C, H, W), mlp for vectors.
+
+    For frames the shared trunk wins: with ObGD on Breakout the shared conv trunk, which
     the critic's denser signal shapes for the actor too, took off at ~200k steps where the
     separate stream-x towers stayed flat to 1M (README, Presets)."""
+    name = FORMER_NAMES.get(name, name)
     if name != "auto":
         return name
-    return "seed" if len(observation_shape) == 3 else "mlp"
+    return "shared-conv" if len(observation_shape) == 3 else "mlp"
 
 
 def build_network(name: str, observation_shape: tuple[int, ...], num_actions: int, *,
@@ -201,14 +207,14 @@ def build_network(name: str, observation_shape: tuple[int, ...], num_actions: in
     """Build the named network for a stream; raises ValueError when it cannot fit it."""
     name = resolve_network(name, observation_shape)
     is_image = len(observation_shape) == 3
-    if name in ("seed", "stream") and not is_image:
+    if name in ("shared-conv", "stream") and not is_image:
         raise ValueError(f"network '{name}' needs image observations (C, H, W), "
                          f"the stream gives shape {observation_shape}")
     if name == "mlp" and len(observation_shape) != 1:
         raise ValueError(f"network 'mlp' needs vector observations, the stream gives "
                          f"shape {observation_shape}")
     preprocess = Preprocess(observation_shape, is_image, normalize)
-    if name == "seed":
+    if name == "shared-conv":
         trunk = nn.Sequential(
             nn.Conv2d(observation_shape[0], 16, 5, stride=2), nn.ReLU(),
             nn.Conv2d(16, 32, 5, stride=2), nn.ReLU(),

@@ -6,7 +6,7 @@ ObGD: overshooting-bounded gradient descent with eligibility traces (stream-x).
 The step size shrinks whenever one update could move the prediction by more than the TD
 error itself: alpha_eff = alpha / max(1, alpha * kappa * max(|delta|, 1) * ||z||_1).
 Gradients are passed in (not read from .grad), so two instances can own separate traces
-over shared parameters (the seed network's trunk feeds both policy and value).
+over shared parameters (the shared-conv network's trunk feeds both policy and value).
 """
 
 from __future__ import annotations

@@ -44,7 +44,28 @@ def test_breakout_run_learns_from_frames(run_dir: Path) -> None:
     assert done.returncode == 0, done.stderr
     payload = read_checkpoint(CheckpointStore(run_dir / "checkpoints", 3).paths()[0])
     assert payload["spec"]["observation_shape"] == [4, 84, 84]
-    assert payload["spec"]["network"] == "seed" and payload["counters"]["steps"] == 300
+    assert payload["spec"]["network"] == "shared-conv" and payload["counters"]["steps"] == 300
+
+
+def test_a_checkpoint_with_former_names_resumes_and_exports(run_dir: Path) -> None:
+    """Checkpoints written before the renames (network 'seed', log.video_every_episodes)
+    keep loading: the daemon resumes from one and the exporter reads its config."""
+    assert cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "40")).returncode == 0
+    store = CheckpointStore(run_dir / "checkpoints", 3)
+    payload = read_checkpoint(store.paths()[0])
+    payload["spec"]["network"] = "seed"
+    payload["config"]["log"]["video_every_episodes"] = payload["config"]["log"].pop(
+        "video_every_games")
+    for path in store.paths():
+        path.unlink()
+    store.save(payload, 40)
+    exported = cli("tools.export_onnx", "--run-dir", str(run_dir),
+                   "--out", str(run_dir / "policy.onnx"))
+    assert exported.returncode == 0, exported.stderr
+    resumed = cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "60"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and json.loads(
+        (run_dir / "status.json").read_text())["step"] == 60
 
 
 @pytest.mark.parametrize("overlap", ["false", "true"])

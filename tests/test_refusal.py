@@ -15,7 +15,7 @@ from agent.learner import A2CLearner, Transition
 from agent.optimizers import NonFiniteError
 
 # (network, observation shape, actions): a shared trunk on small frames, separate towers.
-LAYOUTS = {"seed": ("seed", (4, 32, 32), 4), "mlp": ("mlp", (4,), 2)}
+LAYOUTS = {"shared-conv": ("shared-conv", (4, 32, 32), 4), "mlp": ("mlp", (4,), 2)}
 OPTIMIZERS = {"obgd": ("obgd", 0.8, 1.0), "adam": ("adam", 0.0, 1e-3),
               "adam-lambda": ("adam", 0.8, 1e-3)}
 

@@ -5,12 +5,13 @@
 Variants, run alternating in blocks on ALE/Breakout-v5 with the same stream (our Atari
 preprocessing) so machine noise hits all alike:
   seed-loop     the seed notebook's loop: float32 frames, two full forwards per step,
-                backward, clip_grad_norm_, Adam (foreach), seed network
-  daemon-seed   runtime.daemon.loop.ActingLoop + A2CLearner with presets/seed.yaml (seed net, Adam)
+                backward, clip_grad_norm_, Adam (foreach), shared-conv network
+  daemon-seed   runtime.daemon.loop.ActingLoop + A2CLearner with presets/seed.yaml
+                (shared-conv net, Adam)
   streamx-loop  the public stream AC(lambda) script's update: V(s), V(s') and pi(s) as separate
                 forwards, two backward passes, ObGD with per-parameter Python loops and .item()
   daemon-stream ActingLoop + A2CLearner with config.yaml on the stream net (ObGD)
-  daemon-default  the default config.yaml as it is (ObGD over the seed net's shared trunk)
+  daemon-default  the default config.yaml as it is (ObGD over the shared-conv net's shared trunk)
   *-overlap     the same daemon loops with run.overlap_stream: true (the stream steps on a
                 second thread during the update; the acting policy lags by one update)
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
@@ -87,7 +88,7 @@ def _baseline(step: Step, threads: int) -> Step:
 def seed_loop() -> Step:
     """The seed notebook's training step (its compute, with gamma used and V(s') detached)."""
     stream = open_stream(load_config(None).env, 0)
-    net = build_network("seed", stream.spec.observation_shape, stream.spec.num_actions,
+    net = build_network("shared-conv", stream.spec.observation_shape, stream.spec.num_actions,
                         hidden_size=256, sparsity=0.0, normalize=False)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     state = {"s": torch.tensor(stream.reset(), dtype=torch.float32).unsqueeze(0)}
@@ -222,15 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_s": {name: {"median": round(statistics.median(r), 1),
                                "min": round(min(r), 1), "max": round(max(r), 1)}
                         for name, r in rates.items()},
-        "ratio_daemon_over_seed_loop (seed net)": ratio("daemon-seed", "seed-loop"),
+        "ratio_daemon_over_seed_loop (shared-conv net)": ratio("daemon-seed", "seed-loop"),
         "ratio_daemon_over_streamx_loop (stream net)": ratio("daemon-stream", "streamx-loop"),
-        "ratio_overlap_over_daemon (seed net)": ratio("daemon-seed-overlap", "daemon-seed"),
+        "ratio_overlap_over_daemon (shared-conv net)": ratio("daemon-seed-overlap", "daemon-seed"),
         "ratio_overlap_over_daemon (stream net)": ratio("daemon-stream-overlap",
                                                         "daemon-stream"),
-        "ratio_2threads_over_daemon (seed net)": ratio("daemon-seed-2threads", "daemon-seed"),
+        "ratio_2threads_over_daemon (shared-conv net)": ratio("daemon-seed-2threads",
+                                                              "daemon-seed"),
         "ratio_2threads_over_daemon (stream net)": ratio("daemon-stream-2threads",
                                                          "daemon-stream"),
-        "ratio_learner_alone_over_seed_loop (seed net)": ratio("learner-seed", "seed-loop"),
+        "ratio_learner_alone_over_seed_loop (shared-conv net)": ratio("learner-seed", "seed-loop"),
     }, indent=1))
     return 0
 

@@ -199,10 +199,11 @@ def _yaml_float(value: Any, annotation: Any) -> Any:
     return value
 
 
-# Keys that were renamed: an old config is refused with the new name, never misread.
-RENAMED = {"log.video_every_episodes": "log.video_every_games (a game is all its lives; "
-                                       "an episode ends with each life when "
-                                       "env.terminal_on_life_loss is true)"}
+# Keys that were renamed (old -> new). A user's config with an old key is refused with
+# the new name; a config stored in an older checkpoint is read with the new one.
+RENAMED = {"log.video_every_episodes": "log.video_every_games"}
+_WHY_RENAMED = {"log.video_every_games": "a game is all its lives; an episode ends with "
+                                         "each life when env.terminal_on_life_loss is true"}
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -213,7 +214,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {_yaml_name(f): f for f in dataclasses.fields(cls)}
     for key in data:
         if f"{prefix}{key}" in RENAMED:
-            raise ConfigError(f"{prefix}{key}: renamed to {RENAMED[prefix + key]}")
+            new = RENAMED[prefix + key]
+            raise ConfigError(f"{prefix}{key}: renamed to {new} ({_WHY_RENAMED[new]})")
         if key not in fields:
             raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(fields)})")
     values = {}
@@ -289,5 +291,13 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a validated Config from `to_dict` output (e.g. stored in a checkpoint)."""
+    """Rebuild a validated Config from `to_dict` output (e.g. stored in a checkpoint, maybe
+    by an older version with keys since renamed)."""
+    data = {section: dict(values) if isinstance(values, dict) else values
+            for section, values in data.items()}
+    for old, new in RENAMED.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = data.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            data.setdefault(new_section, {})[new_key] = section.pop(old_key)
     return _build(Config, data, "")
