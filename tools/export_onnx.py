@@ -41,6 +41,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 from runtime.cli import OneLineParser, UsageError  # noqa: E402
+from runtime.contract import INPUT_NAME  # noqa: E402
 from runtime.daemon.export import (  # noqa: E402
     DEFAULT_OPSET,
     MIN_OPSET,
@@ -76,7 +77,7 @@ class _FrameReader:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         frame = next(self._iter, None)
-        return None if frame is None else {"observation": frame[None]}
+        return None if frame is None else {INPUT_NAME: frame[None]}
 
     def rewind(self) -> None:  # pragma: no cover - not used by quantize_static
         pass
