@@ -67,7 +67,7 @@ def _flag(value: Any) -> str | None:
 
 
 def _probability(value: Any) -> str | None:
-    # At 1 ALE would repeat the first action for ever: the agent's would never count.
+    # At 1 ALE would repeat the previous action for ever, ignoring the agent's.
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         return _got(value, "float")
     return None if 0 <= value < 1 else "must be in [0, 1)"
@@ -98,8 +98,9 @@ class AtariOptions:
             problem = check(getattr(self, name))
             if problem is not None:
                 raise StreamError(f"{name}: {problem}", name)
-            if _TYPES[name] is float:  # an int where a float belongs reads back as a float
-                object.__setattr__(self, name, float(getattr(self, name)))
+            # Kept as the plain Python type: json.dumps takes it (a numpy int it would not)
+            # and an int given for a float reads back from the metadata as a float.
+            object.__setattr__(self, name, _TYPES[name](getattr(self, name)))
 
     @classmethod
     def of(cls, settings: Any) -> AtariOptions:

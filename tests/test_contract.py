@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from runtime.contract import OPTION_NAMES, AtariOptions, StreamError
@@ -86,7 +87,9 @@ def test_options_round_trip_and_refuse_bad_values() -> None:
     options = AtariOptions(frame_skip=2, screen_size=96, frame_stack=1, noop_max=0,
                            terminal_on_life_loss=False, repeat_action_probability=0.5)
     assert AtariOptions.from_metadata(options.to_metadata()) == options
-    assert AtariOptions(repeat_action_probability=0).repeat_action_probability == 0.0
+    plain = AtariOptions(frame_skip=np.int64(2), repeat_action_probability=0)
+    assert type(plain.frame_skip) is int and type(plain.repeat_action_probability) is float
+    assert AtariOptions.from_metadata(plain.to_metadata()) == plain
     with pytest.raises(StreamError, match="screen_size: must be in") as err:
         AtariOptions(screen_size=4)
     assert err.value.key == "screen_size"
