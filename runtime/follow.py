@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from runtime.cli import UsageError
+from runtime.contract import OPTION_NAMES
 from runtime.files import write_atomic
 from runtime.infer import ModelError, Policy
 from runtime.manifest import (
@@ -52,9 +53,8 @@ log = logging.getLogger("runtime.follow")
 
 DEFAULT_MAX_POLICY_BYTES = 64 << 20
 # What makes two policies play the same stream (the metadata runtime.infer rebuilds it from).
-STREAM_KEYS = ("env_id", "observation_shape", "observation_dtype", "num_actions", "frame_skip",
-               "frame_stack", "screen_size", "noop_max", "terminal_on_life_loss",
-               "repeat_action_probability", "env_kwargs")
+STREAM_KEYS = ("env_id", "observation_shape", "observation_dtype", "num_actions",
+               *OPTION_NAMES, "env_kwargs")
 CURRENT = "current.json"
 MAX_REMEMBERED = 1000  # refusals remembered (memory stays bounded whatever is published)
 

@@ -20,6 +20,7 @@ line ``infer: error: ...``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -38,22 +39,26 @@ from runtime.cli import (
     positive_float,
     positive_int,
 )
+from runtime.contract import (
+    ACTION,
+    INPUT_NAME,
+    KNOWN_POLICY_FORMAT_VERSIONS,
+    LOGITS,
+    OPTION_NAMES,
+    OUTPUTS,
+    AtariOptions,
+)
 from runtime.errors import first_line
 
 if TYPE_CHECKING:
     from runtime.video import GameRecorder
 
-FORMAT_VERSION = "1"
-KNOWN_FORMAT_VERSIONS = ("1",)
-INPUT_NAME = "observation"
-OUTPUTS = ("logits", "action")
-# Metadata keys the exporter writes (all values are strings in the ONNX file).
-_INT_KEYS = ("frame_stack", "frame_skip", "num_actions", "training_step", "screen_size",
-             "noop_max")
-_JSON_KEYS = ("observation_shape", "action_meanings", "env_kwargs", "terminal_on_life_loss",
-              "repeat_action_probability")
+# Metadata keys the exporter writes besides the stream options (AtariOptions reads those);
+# all values are strings in the ONNX file.
+_INT_KEYS = ("num_actions", "training_step")
+_JSON_KEYS = ("observation_shape", "action_meanings", "env_kwargs")
 _STR_KEYS = ("format_version", "env_id", "observation_dtype")
-REQUIRED_KEYS = _STR_KEYS + _INT_KEYS + _JSON_KEYS
+REQUIRED_KEYS = _STR_KEYS + _INT_KEYS + _JSON_KEYS + OPTION_NAMES
 _ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
 KEPT_LATENCIES = 100_000  # act latencies behind the p50/p99 (the newest)
 KEPT_RETURNS = 100  # game returns listed when playing until stopped (the newest)
@@ -69,9 +74,9 @@ def parse_metadata(raw: Mapping[str, str], source: str = "model") -> dict[str, A
     if version is None:
         raise ModelError(f"{source}: no format_version in the metadata (not exported by "
                          f"tools/export_onnx.py?)")
-    if version not in KNOWN_FORMAT_VERSIONS:
+    if version not in KNOWN_POLICY_FORMAT_VERSIONS:
         raise ModelError(f"{source}: metadata format_version {version!r} is not supported "
-                         f"(known: {', '.join(KNOWN_FORMAT_VERSIONS)})")
+                         f"(known: {', '.join(KNOWN_POLICY_FORMAT_VERSIONS)})")
     missing = [key for key in REQUIRED_KEYS if key not in raw]
     if missing:
         raise ModelError(f"{source}: metadata lacks {', '.join(missing)}")
@@ -83,6 +88,10 @@ def parse_metadata(raw: Mapping[str, str], source: str = "model") -> dict[str, A
             meta[key] = json.loads(raw[key])
     except ValueError as exc:
         raise ModelError(f"{source}: malformed metadata value ({first_line(exc, 300)})") from None
+    try:
+        meta.update(dataclasses.asdict(AtariOptions.from_metadata(raw)))
+    except ValueError as exc:  # names the option and the value
+        raise ModelError(f"{source}: {first_line(exc, 300)}") from None
     shape = meta["observation_shape"]
     if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0
                                                       for d in shape)):
@@ -98,8 +107,6 @@ def parse_metadata(raw: Mapping[str, str], source: str = "model") -> dict[str, A
     if not isinstance(meta["env_kwargs"], dict):
         raise ModelError(f"{source}: metadata env_kwargs is not a JSON object")
     meta["action_meanings"] = tuple(str(m) for m in meta["action_meanings"])
-    meta["terminal_on_life_loss"] = bool(meta["terminal_on_life_loss"])
-    meta["repeat_action_probability"] = float(meta["repeat_action_probability"])
     # Keys written by newer exporters within the same format version are kept as strings.
     for key, value in raw.items():
         meta.setdefault(key, value)
@@ -169,7 +176,7 @@ class Policy:
         if batch.shape[1:] != self.observation_shape:
             raise ValueError(f"batch shape {batch.shape} does not fit the model's observation "
                              f"shape {self.observation_shape}")
-        return self._session.run(["logits"], {INPUT_NAME: batch})[0]
+        return self._session.run([LOGITS], {INPUT_NAME: batch})[0]
 
     def act(self, observation: np.ndarray, sample: bool = False,
             rng: np.random.Generator | None = None) -> int:
@@ -181,8 +188,8 @@ class Policy:
                              f"{self.observation_shape}")
         batch = obs[None]
         if not sample:
-            return int(self._session.run(["action"], {INPUT_NAME: batch})[0][0])
-        logits = self._session.run(["logits"], {INPUT_NAME: batch})[0][0].astype(np.float64)
+            return int(self._session.run([ACTION], {INPUT_NAME: batch})[0][0])
+        logits = self._session.run([LOGITS], {INPUT_NAME: batch})[0][0].astype(np.float64)
         probs = np.exp(logits - logits.max())
         cdf = np.cumsum(probs)
         u = (rng if rng is not None else self._default_rng).random() * cdf[-1]
@@ -206,12 +213,9 @@ def make_stream_from_metadata(metadata: Mapping[str, Any], env_id: str | None = 
                               seed: int = 0, extra_kwargs: Mapping[str, Any] | None = None):
     """The stream the model was trained on (same preprocessing), or `env_id` with the same
     preprocessing options. Raises runtime.streams.StreamError."""
-    from runtime.streams import AtariOptions, make_stream
+    from runtime.streams import make_stream
 
-    atari = AtariOptions(frame_skip=metadata["frame_skip"], screen_size=metadata["screen_size"],
-                         frame_stack=metadata["frame_stack"], noop_max=metadata["noop_max"],
-                         terminal_on_life_loss=metadata["terminal_on_life_loss"],
-                         repeat_action_probability=metadata["repeat_action_probability"])
+    atari = AtariOptions(**{name: metadata[name] for name in OPTION_NAMES})
     kwargs = {**metadata["env_kwargs"], **(extra_kwargs or {})}
     return make_stream(env_id or metadata["env_id"], kwargs, seed=seed, atari=atari)
 

@@ -14,24 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import gymnasium as gym
 import numpy as np
 
+from runtime.contract import ALE_KWARGS_SET_BY_OPTIONS, AtariOptions, StreamError
 from runtime.errors import first_line
 
 _ATARI_ENTRY_POINT = "ale_py.env:AtariEnv"
-
-
-class StreamError(ValueError):
-    """A stream could not be created (bad id, bad kwargs, unsupported spaces); `key` names
-    the env setting at fault ("id" or "kwargs")."""
-
-    def __init__(self, message: str, key: str = "id") -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass(frozen=True)
@@ -46,38 +38,13 @@ class StreamSpec:
     frame_skip: int  # 1 for non-Atari
 
 
-@dataclass(frozen=True)
-class AtariOptions:
-    """DQN-style Atari preprocessing options (used only for ALE env ids)."""
-
-    frame_skip: int = 4
-    screen_size: int = 84
-    frame_stack: int = 4
-    noop_max: int = 30
-    terminal_on_life_loss: bool = True
-    repeat_action_probability: float = 0.0  # sticky actions, applied by ALE
-
-    def __post_init__(self) -> None:
-        if self.frame_skip < 1 or self.screen_size < 1 or self.frame_stack < 1:
-            raise StreamError("frame_skip, screen_size and frame_stack must be >= 1")
-        if self.noop_max < 0:
-            raise StreamError("noop_max must be >= 0")
-        if not 0.0 <= self.repeat_action_probability <= 1.0:
-            raise StreamError("repeat_action_probability must be in [0, 1]")
-
-
 class EnvSettings(Protocol):
-    """The config's env section, as the stream factory reads it (by attribute name, so
-    this module needs none of the learner side's config code)."""
+    """The config's env section, as the stream factory reads it: the id, the kwargs and
+    every AtariOptions field, by attribute name (so this module needs none of the learner
+    side's config code)."""
 
     id: str
     kwargs: dict
-    frame_skip: int
-    screen_size: int
-    frame_stack: int
-    noop_max: int
-    terminal_on_life_loss: bool
-    repeat_action_probability: float
 
 
 @runtime_checkable
@@ -545,17 +512,19 @@ def make_stream(
 
     ``atari`` is used only for ALE ids (defaults to ``AtariOptions()``).
     ``env_kwargs`` are passed to ``gym.make``; for Atari they override the
-    defaults chosen here, except ``frameskip`` which must be set through
-    ``AtariOptions.frame_skip`` because the stream does the skipping itself.
+    defaults chosen here, except the ones an option sets
+    (``runtime.contract.ALE_KWARGS_SET_BY_OPTIONS``: ``frameskip``, as the stream does
+    the skipping itself, and ``repeat_action_probability``).
     """
     user_kwargs = dict(env_kwargs or {})
     spec = _lookup_spec(env_id)
     if not _is_atari(spec):
         return GymStream(_make_env(env_id, user_kwargs, bool(user_kwargs)), seed=seed)
     opts = atari if atari is not None else AtariOptions()
-    if "frameskip" in user_kwargs:
-        raise StreamError("set the Atari frame skip via AtariOptions.frame_skip, not 'frameskip'",
-                          "kwargs")
+    for kwarg, option in ALE_KWARGS_SET_BY_OPTIONS.items():
+        if kwarg in user_kwargs:
+            raise StreamError(f"set the Atari {option} via AtariOptions.{option}, not "
+                              f"{kwarg!r}", "kwargs")
     kwargs: dict[str, Any] = {
         "frameskip": 1,
         "repeat_action_probability": opts.repeat_action_probability,
@@ -575,5 +544,4 @@ def make_stream(
 def open_stream(env: EnvSettings, seed: int) -> Stream:
     """The stream an env config section describes: what the daemon learns from, and what
     the exporter and the benchmarks replay."""
-    atari = AtariOptions(**{f.name: getattr(env, f.name) for f in fields(AtariOptions)})
-    return make_stream(env.id, dict(env.kwargs), seed=seed, atari=atari)
+    return make_stream(env.id, dict(env.kwargs), seed=seed, atari=AtariOptions.of(env))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from runtime.daemon.checkpoints import (
-    FORMAT_VERSION,
+    CHECKPOINT_FORMAT_VERSION,
     MAGIC,
     CheckpointError,
     CheckpointStore,
@@ -147,13 +147,13 @@ def _torch_bytes(obj: object) -> bytes:
 def _corruptions(good: bytes) -> dict[str, bytes]:
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0x10
-    newer = _torch_bytes({"format_version": FORMAT_VERSION + 1})
+    newer = _torch_bytes({"format_version": CHECKPOINT_FORMAT_VERSION + 1})
     return {
         "truncated": good[: len(good) // 3],
         "bit-flipped": bytes(flipped),
         "zero-length": b"",
         "foreign format": good.replace(MAGIC, b"OTHERFORMAT-CKPT-1 "),
-        "plain torch file": _torch_bytes({"format_version": FORMAT_VERSION}),
+        "plain torch file": _torch_bytes({"format_version": CHECKPOINT_FORMAT_VERSION}),
         "random bytes": os.urandom(4096),
         "wrong version": MAGIC + hashlib.sha256(newer).hexdigest().encode() + b"\n" + newer,
     }

@@ -37,6 +37,7 @@ import onnx
 import torch
 
 from runtime.cli import OneLineParser, UsageError
+from runtime.contract import INPUT_NAME
 from runtime.daemon.export import (
     DEFAULT_OPSET,
     MIN_OPSET,
@@ -72,7 +73,7 @@ class _FrameReader:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         frame = next(self._iter, None)
-        return None if frame is None else {"observation": frame[None]}
+        return None if frame is None else {INPUT_NAME: frame[None]}
 
     def rewind(self) -> None:  # pragma: no cover - not used by quantize_static
         pass

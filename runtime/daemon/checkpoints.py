@@ -20,7 +20,8 @@ import torch
 
 from runtime.files import write_atomic
 
-FORMAT_VERSION = 1
+# The payload layout of a checkpoint (not the exported policy's: runtime.contract).
+CHECKPOINT_FORMAT_VERSION = 1
 MAGIC = b"STREAMAGENT-CKPT-1 "
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class CheckpointError(Exception):
 
 def encode(payload: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **payload}, buffer)
+    torch.save({"format_version": CHECKPOINT_FORMAT_VERSION, **payload}, buffer)
     body = buffer.getvalue()
     return MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
@@ -51,9 +52,10 @@ def decode(data: bytes, name: str) -> dict[str, Any]:
         payload = torch.load(io.BytesIO(body), weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means unusable
         raise CheckpointError(f"{name}: cannot be loaded ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
-        version = payload.get("format_version") if isinstance(payload, dict) else None
-        raise CheckpointError(f"{name}: format version {version!r}, expected {FORMAT_VERSION}")
+    version = payload.get("format_version") if isinstance(payload, dict) else None
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{name}: format version {version!r}, "
+                              f"expected {CHECKPOINT_FORMAT_VERSION}")
     return payload
 
 

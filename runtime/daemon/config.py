@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from agent.config import AgentConfig, at_least, option, within
+from runtime.contract import ALE_KWARGS_SET_BY_OPTIONS, AtariOptions
 
 
 class ConfigError(ValueError):
@@ -22,32 +23,25 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class EnvConfig:
-    """The sensor stream."""
-
+class _EnvSource:
     id: str = option("ALE/Breakout-v5", "Gymnasium environment id.")
     kwargs: dict = option({}, "Keyword arguments passed to gymnasium.make.")
-    frame_skip: int = option(4, "Atari: emulator frames per agent step (max-pool of last two).",
-                             at_least(1))
-    screen_size: int = option(84, "Atari: frames are resized to screen_size^2 grayscale "
-                              "(at most the ALE's 210 rows; larger would only upsample).",
-                              within(8, 210))
-    frame_stack: int = option(4, "Atari: frames stacked into one observation.", at_least(1))
-    noop_max: int = option(30, "Atari: up to this many no-ops at the start of a game.",
-                           at_least(0))
-    terminal_on_life_loss: bool = option(True, "Atari: a lost life ends the episode for "
-                                         "learning (statistics still count whole games).")
-    repeat_action_probability: float = option(0.0, "Atari: sticky-action probability "
-                                              "(0.25 is the modern ALE protocol).",
-                                              lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+
+
+# Dataclasses gather fields from the last base first: id and kwargs, then the options, the
+# order config.yaml lists them in (and the resolved config a run writes).
+@dataclasses.dataclass(frozen=True)
+class EnvConfig(AtariOptions, _EnvSource):
+    """The sensor stream: an environment id, its gymnasium.make arguments and the Atari
+    preprocessing options, which are declared, documented and checked once in
+    runtime.contract.AtariOptions (the exporter and the device read them from there too).
+    """
 
     def problems(self) -> list[tuple[str, str]]:
         """Keyword arguments that would fight the stream's own settings."""
-        own = {"frameskip": "env.frame_skip",
-               "repeat_action_probability": "env.repeat_action_probability"}
-        for name, setting in own.items():
-            if name in self.kwargs:
-                return [("kwargs", f"{name}: set {setting} instead")]
+        for kwarg, setting in ALE_KWARGS_SET_BY_OPTIONS.items():
+            if kwarg in self.kwargs:
+                return [("kwargs", f"{kwarg}: set env.{setting} instead")]
         if self.kwargs.get("render_mode") not in (None, "rgb_array"):
             return [("kwargs", f"render_mode {self.kwargs['render_mode']!r}: the daemon is "
                                f"headless (rgb_array or none)")]

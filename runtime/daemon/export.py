@@ -13,6 +13,7 @@ difference| <= LOGIT_TOLERANCE and identical greedy actions, or it is deleted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -28,16 +29,11 @@ import torch
 
 from agent.learner import A2CLearner
 from agent.networks import build_network
+from runtime.contract import INPUT_NAME, OUTPUTS, POLICY_FORMAT_VERSION, AtariOptions
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
 from runtime.daemon.config import Config, ConfigError, from_dict
 from runtime.errors import first_line
-from runtime.infer import (
-    FORMAT_VERSION,
-    ModelError,
-    Policy,
-    make_stream_from_metadata,
-    parse_metadata,
-)
+from runtime.infer import ModelError, Policy, make_stream_from_metadata, parse_metadata
 from runtime.streams import StreamError, open_stream
 
 DEFAULT_OPSET = 17
@@ -150,20 +146,19 @@ def build_metadata(config: Config, spec: Any, training_step: int, network: str,
                    producer: str) -> dict[str, str]:
     """The ONNX metadata_props (string -> string) that runtime.infer reads back."""
     env = config.env
+    # frame_stack and frame_skip as the stream plays them: 1 and 1 for a non-Atari stream
+    # (which ignores the options), so that runtime.follow compares like with like.
+    options = dataclasses.replace(AtariOptions.of(env), frame_stack=spec.frame_stack,
+                                  frame_skip=spec.frame_skip)
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": POLICY_FORMAT_VERSION,
         "env_id": env.id,
         "observation_shape": json.dumps(list(spec.observation_shape)),
         "observation_dtype": spec.observation_dtype,
-        "frame_stack": str(spec.frame_stack),
-        "frame_skip": str(spec.frame_skip),
         "num_actions": str(spec.num_actions),
         "action_meanings": json.dumps(list(spec.action_meanings)),
         "training_step": str(int(training_step)),
-        "screen_size": str(env.screen_size),
-        "noop_max": str(env.noop_max),
-        "terminal_on_life_loss": json.dumps(env.terminal_on_life_loss),
-        "repeat_action_probability": json.dumps(env.repeat_action_probability),
+        **options.to_metadata(),
         "env_kwargs": json.dumps(env.kwargs, sort_keys=True),
         "network": network,
         "producer": producer,
@@ -240,8 +235,8 @@ def write_onnx(actor: torch.nn.Module, example: np.ndarray, out: Path, opset: in
             warnings.simplefilter("ignore")
             torch.onnx.export(_Actor(actor), (example_t,), tmp, dynamo=True,
                               external_data=False, opset_version=opset,
-                              input_names=["observation"], output_names=["logits", "action"],
-                              dynamic_shapes={"observation": {0: batch}}, verbose=False)
+                              input_names=[INPUT_NAME], output_names=list(OUTPUTS),
+                              dynamic_shapes={INPUT_NAME: {0: batch}}, verbose=False)
         model = onnx.load(str(tmp))
         written = {o.domain: o.version for o in model.opset_import}.get("", None)
         if written != opset:
