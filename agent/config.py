@@ -55,12 +55,14 @@ class AgentConfig:
     """How the agent learns: network, optimiser, targets and normalisation."""
 
     network: str = option(
-        "auto", "auto | shared-conv | stream | mlp. auto picks shared-conv (one conv trunk "
-        "under linear policy and value heads) for image observations and mlp for vectors, "
-        "so one config serves every stream. stream: separate stream-x conv towers. 'seed' "
-        "is read as shared-conv, its former name.",
-        one_of("auto", "shared-conv", "stream", "mlp", "seed"))
-    hidden_size: int = option(256, "Width of the hidden fully connected layers (stream, mlp).",
+        "auto", "auto | shared-conv | shared-stream | stream | mlp. auto picks shared-conv "
+        "(one conv trunk under linear policy and value heads) for image observations and mlp "
+        "for vectors, so one config serves every stream. stream: separate stream-x conv "
+        "towers; shared-stream: the stream-x layers as one shared trunk. 'seed' is read as "
+        "shared-conv, its former name.",
+        one_of("auto", "shared-conv", "shared-stream", "stream", "mlp", "seed"))
+    hidden_size: int = option(256, "Width of the hidden fully connected layers (stream, "
+                              "shared-stream, mlp).",
                               at_least(1))
     sparsity: float = option(0.9, "Fraction of each unit's fan-in zeroed by the sparse "
                              "initialisation (stream, mlp). 0 = dense.", within(0.0, 0.99))

@@ -207,7 +207,7 @@ def build_network(name: str, observation_shape: tuple[int, ...], num_actions: in
     """Build the named network for a stream; raises ValueError when it cannot fit it."""
     name = resolve_network(name, observation_shape)
     is_image = len(observation_shape) == 3
-    if name in ("shared-conv", "stream") and not is_image:
+    if name in ("shared-conv", "shared-stream", "stream") and not is_image:
         raise ValueError(f"network '{name}' needs image observations (C, H, W), "
                          f"the stream gives shape {observation_shape}")
     if name == "mlp" and len(observation_shape) != 1:
@@ -223,6 +223,17 @@ def build_network(name: str, observation_shape: tuple[int, ...], num_actions: in
         )
         flat = _flat_size(trunk, observation_shape)
         return ActorCritic(preprocess, trunk, nn.Linear(flat, num_actions), nn.Linear(flat, 1))
+    if name == "shared-stream":
+        # The stream-x layers (LayerNorm, LeakyReLU, sparse init) as one trunk under
+        # linear heads: the shared trunk of shared-conv with stream-x's width and depth.
+        hw = (observation_shape[1], observation_shape[2])
+        trunk = _stream_conv_tower(observation_shape[0], hidden_size, hidden_size, hw)
+        trunk.append(LayerNormNoParams())
+        trunk.append(nn.LeakyReLU())
+        policy_head, value_head = nn.Linear(hidden_size, num_actions), nn.Linear(hidden_size, 1)
+        for part in (trunk, policy_head, value_head):
+            sparse_init_(part, sparsity)
+        return ActorCritic(preprocess, trunk, policy_head, value_head)
     if name == "stream":
         hw = (observation_shape[1], observation_shape[2])
         policy = _stream_conv_tower(observation_shape[0], hidden_size, num_actions, hw)

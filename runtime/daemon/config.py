@@ -79,7 +79,8 @@ class RunConfig:
         "second core). The acting policy then lags the learner by one update: the action "
         "for s' is sampled before the update on the transition into s'.")
     onednn: str = option("auto", "auto | on | off: oneDNN (mkldnn) convolutions. auto = off "
-                         "for the stream network, whose small convolutions run ~30% faster "
+                         "for the stream and shared-stream networks, whose small "
+                         "convolutions run ~30% faster "
                          "on torch's own kernels (tools/bench_throughput.py), on otherwise.",
                          lambda v: None if v in ("auto", "on", "off")
                          else "must be one of auto, on, off")
