@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from agent.config import AgentConfig
+from agent.errors import NonFiniteError
 from agent.networks import ActorCritic, build_network, resolve_network
 from agent.normalizers import RewardScaler
-from agent.optimizers import NonFiniteError, make_rule
+from agent.optimizers import make_rule
 
 
 class Transition(NamedTuple):

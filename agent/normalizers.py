@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from agent.optimizers import NonFiniteError
+from agent.errors import NonFiniteError
 
 
 class RunningNorm(nn.Module):

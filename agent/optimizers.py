@@ -17,13 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # networks imports this module (through normalizers) for NonFiniteError
+from agent.errors import NonFiniteError
+
+if TYPE_CHECKING:
     from agent.config import AgentConfig
     from agent.networks import ActorCritic
-
-
-class NonFiniteError(ArithmeticError):
-    """A NaN or Inf reached an update; the parameters were left untouched."""
 
 
 class ObGD:

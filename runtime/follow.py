@@ -6,7 +6,7 @@
         observation, done = env.reset(), False
         while not done:
             observation, reward, done = env.step(follower.act(observation))
-        follower.reload()                 # between episodes: a newer verified policy, if any
+        follower.reload()                 # between games: a newer verified policy, if any
 
 A background thread reads `latest.json` every `interval` seconds. When it names a policy
 newer than the one playing, the thread checks the entry (runtime.manifest: file name,
@@ -14,7 +14,7 @@ size bound, signature with a key), downloads the file to a temporary file in the
 directory, checks its size and SHA-256, loads it (format version, metadata), checks that
 it plays the same stream as the current policy, and runs one forward pass on a real
 observation. Only a policy that passes everything is offered; `reload()` swaps to it
-between episodes. Anything bad is one log line and the current policy keeps playing: a
+between games. Anything bad is one log line and the current policy keeps playing: a
 refused policy is remembered (and not fetched again), a source that is down or slow is
 logged when it goes down and when it comes back.
 """
@@ -85,7 +85,7 @@ def default_cache_dir(source: Source) -> Path:
 
 
 class Follower:
-    """act(observation) with the newest verified policy; reload() between episodes."""
+    """act(observation) with the newest verified policy; reload() between games."""
 
     def __init__(self, source: Source | str, *, key_file: str | Path | None = None,
                  cache_dir: str | Path | None = None, interval: float = 30.0,
@@ -191,7 +191,7 @@ class Follower:
         return first, ""
 
     def reload(self) -> bool:
-        """Swap to the newest verified policy, if one is waiting; call between episodes."""
+        """Swap to the newest verified policy, if one is waiting; call between games."""
         with self._lock:
             ready, self._ready = self._ready, None
         if ready is None or ready.entry.step <= self.step:
@@ -406,7 +406,7 @@ def run_follow(args: Any) -> dict[str, Any]:
         stream = make_stream_from_metadata(follower.metadata, env_id, seed=args.seed)
         check_fits(follower.policy, stream.spec, env_id)
         stop = _StopOnSignal()
-        summary = play(follower, stream, episodes=args.episodes, max_steps=args.max_steps,
+        summary = play(follower, stream, games=args.games, max_steps=args.max_steps,
                        sample=args.sample, seed=args.seed, env_id=env_id,
                        between_games=between_games, should_stop=stop)
     finally:

@@ -1,13 +1,13 @@
 """The torch-free inference runtime: play a stream with an exported ONNX actor.
 
-    python -m runtime.infer --model policy.onnx [--env ID] [--episodes N] [--seed S]
+    python -m runtime.infer --model policy.onnx [--env ID] [--games N] [--seed S]
         [--sample] [--threads T] [--max-steps M] [--record DIR]
     python -m runtime.infer --follow SOURCE [--key FILE] [--interval S] [--wait S]
-        [--cache DIR] [--timeout S] [--max-policy-mb MB] [--episodes N] [...]
+        [--cache DIR] [--timeout S] [--max-policy-mb MB] [--games N] [...]
 
 --follow plays the newest verified policy published in SOURCE (a policies directory or an
 http(s) URL of one) and swaps to newer ones between games (runtime.follow); it plays until
---episodes, --max-steps or SIGINT/SIGTERM, then prints its summary.
+--games, --max-steps or SIGINT/SIGTERM, then prints its summary.
 
 Only the standard library, numpy and onnxruntime are imported at module level; the sensor
 stream (``runtime.streams``: gymnasium + ale-py, no torch) is imported only when a game is
@@ -226,21 +226,21 @@ def _percentile_us(latencies_ns: Sequence[int], q: float) -> float | None:
     return round(float(np.percentile(np.asarray(latencies_ns, dtype=np.float64), q)) / 1e3, 1)
 
 
-def play(policy: Policy, stream: Any, *, episodes: int | None = 1,
+def play(policy: Policy, stream: Any, *, games: int | None = 1,
          max_steps: int | None = None, sample: bool = False, seed: int = 0,
          recorder: GameRecorder | None = None, env_id: str | None = None,
          between_games: Callable[[float], None] | None = None,
          should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Play whole games (info["game_over"]) and return the summary dict the CLI prints.
-    `episodes` None = until `should_stop()`; `between_games(return)` after each game (a
+    `games` None = until `should_stop()`; `between_games(return)` after each game (a
     runtime.follow.Follower, which plays like a Policy, swaps policies there)."""
     check_fits(policy, stream.spec, env_id)
     rng = np.random.default_rng(seed)
     # Bounded, so that playing for days keeps a constant memory: the summary then reports
     # the latency of the newest actions and the returns of the newest games.
-    returns: deque[float] = deque(maxlen=KEPT_RETURNS if episodes is None else None)
+    returns: deque[float] = deque(maxlen=KEPT_RETURNS if games is None else None)
     latencies: deque[int] = deque(maxlen=KEPT_LATENCIES)
-    game_return, steps, game_steps, games = 0.0, 0, 0, 0
+    game_return, steps, game_steps, played = 0.0, 0, 0, 0
     render = getattr(stream, "render_rgb", lambda: None)
     obs = stream.reset()
     if recorder is not None:
@@ -249,7 +249,7 @@ def play(policy: Policy, stream: Any, *, episodes: int | None = 1,
     clock = time.perf_counter_ns
     start = time.perf_counter()
     try:
-        while (episodes is None or games < episodes) \
+        while (games is None or played < games) \
                 and (max_steps is None or steps < max_steps) \
                 and (should_stop is None or not should_stop()):
             t0 = clock()
@@ -263,17 +263,17 @@ def play(policy: Policy, stream: Any, *, episodes: int | None = 1,
                 recorder.frame(render)
             if info.get("game_over", terminated or truncated):
                 returns.append(game_return)
-                games += 1
+                played += 1
                 if between_games is not None:
                     between_games(game_return)
                 game_return, game_steps = 0.0, 0
                 if recorder is not None:
                     recorder.finish()
-                    if episodes is None or games < episodes:
-                        recorder.start(f"game-{games:04d}")
+                    if games is None or played < games:
+                        recorder.start(f"game-{played:04d}")
             if terminated or truncated:
                 obs = stream.reset()
-                if recorder is not None and (episodes is None or games < episodes):
+                if recorder is not None and (games is None or played < games):
                     recorder.frame(render)
     finally:
         if recorder is not None:
@@ -284,7 +284,7 @@ def play(policy: Policy, stream: Any, *, episodes: int | None = 1,
         "env_id": env_id,
         "returns": list(returns),
         "mean_return": float(np.mean(returns)) if returns else None,
-        "games": games,
+        "games": played,
         "steps": steps,
         "latency_us_p50": _percentile_us(latencies, 50),
         "latency_us_p99": _percentile_us(latencies, 99),
@@ -306,8 +306,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a policies directory or its http(s) URL: play the newest "
                              "verified policy, swap to newer ones between games")
     parser.add_argument("--env", help="environment id (default: the model's env_id)")
-    parser.add_argument("--episodes", type=positive_int,
-                        help="whole games to play (default 1; with --follow until stopped)")
+    parser.add_argument("--games", "--episodes", type=positive_int,
+                        help="whole games to play (default 1; with --follow until stopped); "
+                             "--episodes is its former name")
     parser.add_argument("--seed", type=int, default=0, help="seeds the stream and sampling")
     parser.add_argument("--sample", action="store_true",
                         help="sample from softmax(logits) instead of the greedy action")
@@ -338,7 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ("--max-policy-mb", args.max_policy_mb, 64)) if value != default]
         if given:
             raise UsageError(f"{given[0]} applies to --follow only")
-        args.episodes = args.episodes or 1
+        args.games = args.games or 1
     elif args.record:
         raise UsageError("--record applies to --model only")
     return args
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             from runtime.video import GameRecorder  # only when recording: imageio is optional
 
             recorder = GameRecorder(Path(args.record), fps=30)
-        summary = play(policy, stream, episodes=args.episodes, max_steps=args.max_steps,
+        summary = play(policy, stream, games=args.games, max_steps=args.max_steps,
                        sample=args.sample, seed=args.seed, recorder=recorder, env_id=env_id)
     except VideoError as exc:
         print(f"infer: error: --record: {exc}", file=sys.stderr)

@@ -247,7 +247,8 @@ def test_infer_errors_exit_2_with_one_line(breakout: dict, tmp_path: Path,
         "not a loadable ONNX": ["--model", str(garbage)],
         "format_version": ["--model", str(no_meta)],
         "unknown environment id": ["--model", str(breakout["model"]), "--env", "NoSuchEnv-v9"],
-        "--episodes": ["--model", str(breakout["model"]), "--episodes", "0"],
+        "--games": ["--model", str(breakout["model"]), "--games", "0"],
+        "--games/--episodes": ["--model", str(breakout["model"]), "--episodes", "0"],
     }
     for needle, argv in cases.items():
         assert infer.main(argv) == 2, argv

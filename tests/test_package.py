@@ -69,7 +69,7 @@ def test_installed_wheel_plays_outside_the_repository(device_venv: dict,
     found = json.loads(probe.stdout)
     assert found["runtime"].startswith(str(device_venv["purelib"]))
     assert found["torch"] and found["daemon"]  # the learner cannot run here
-    done = device_run(device_venv, "-m", "runtime.infer", "--model", str(model), "--episodes",
+    done = device_run(device_venv, "-m", "runtime.infer", "--model", str(model), "--games",
                       "2", "--seed", "3", cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)

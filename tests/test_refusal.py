@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from agent.config import AgentConfig
+from agent.errors import NonFiniteError
 from agent.learner import A2CLearner, Transition
-from agent.optimizers import NonFiniteError
 
 # (network, observation shape, actions): a shared trunk on small frames, separate towers.
 LAYOUTS = {"shared-conv": ("shared-conv", (4, 32, 32), 4), "mlp": ("mlp", (4,), 2)}

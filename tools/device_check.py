@@ -16,7 +16,7 @@ frame set and the probe (tools/device_probe.py, one file) are copied in, never s
 
 Then, on the device:
 
-(a) ``python -m runtime.infer --model ... --episodes N`` plays N games; its JSON is kept
+(a) ``python -m runtime.infer --model ... --games N`` plays N games; its JSON is kept
     (and compared with the same command run natively: same seed, same greedy policy);
 (b) the policy's logits and greedy actions on the recorded frames are compared with the
     native run of the same model on the same frames: greedy actions must agree on >= 99.9%;
@@ -181,7 +181,7 @@ def int8_sibling(model: Path) -> Path | None:
 
 
 def _game_argv(model: str, games: int, max_steps: int | None) -> list[str]:
-    argv = ["-m", "runtime.infer", "--model", model, "--episodes", str(games), "--seed", "0"]
+    argv = ["-m", "runtime.infer", "--model", model, "--games", str(games), "--seed", "0"]
     return argv + (["--max-steps", str(max_steps)] if max_steps else [])
 
 

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from agent.errors import NonFiniteError
 from agent.learner import A2CLearner, Transition
-from agent.optimizers import NonFiniteError
 from runtime.streams import Stream, StreamError
 from runtime.video import GameRecorder, VideoError
 
