@@ -164,7 +164,8 @@ class Config:
         """Settings of two sections that do not combine."""
         if self.agent.reuse_next_pass and self.run.overlap_stream:
             return [("agent.reuse_next_pass", "cannot be combined with run.overlap_stream "
-                     "(its action for s' comes before the update the kept pass is made in)")]
+                     "(that loop samples the action for s' before the update that would make the "
+                     "pass on s')")]
         return []
 
 
