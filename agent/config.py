@@ -102,6 +102,14 @@ class AgentConfig:
     reward_transform: str = option(
         "scale", "scale (divide by the running std of a discounted return trace) | "
         "clip (to [-1, 1]) | none.", one_of("scale", "clip", "none"))
+    reuse_next_pass: bool = option(
+        False, "One forward pass per step instead of two: the pass on s' that gives the "
+        "update its bootstrap V(s') keeps its graph (on a copy of the weights, which the "
+        "in-place update leaves alone) and serves one step later as the pass on s, for the "
+        "action and for the gradient. Both then come from the weights of one update before "
+        "(the action as with run.overlap_stream), and the TD error of that update is "
+        "r + gamma V(s'') - V(s') with V(s') the stale value. A resumed run recomputes it "
+        "from the copy saved in the checkpoint. Not with run.overlap_stream.")
 
     def entropy_at(self, update: int) -> float:
         """The entropy bonus for the given update count (linear decay, then constant)."""

@@ -4,6 +4,12 @@ One update per transition, from the one-step TD error
     delta = r + gamma * (1 - terminated) * V(s') - V(s),
 with V(s') from the current parameters and no gradient through it. Truncation
 bootstraps; termination does not. The learner knows nothing of environments or files.
+
+With `agent.reuse_next_pass` the pass on s' keeps its graph, on a copy of the weights
+θ_t before update t, and update t+1 takes it as its pass on s: one forward pass per
+step. The action on s' and the gradient of update t+1 then come from θ_t, one update
+stale, and its TD error is r + gamma * V_θ{t+1}(s'') - V_θt(s'): the stale value is the
+one of the state being learned about, the bootstrap value is current.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch.nn.functional as F
 
 from agent.config import AgentConfig
 from agent.errors import NonFiniteError
-from agent.networks import ActorCritic, build_network, resolve_network
+from agent.networks import ActorCritic, WeightCopy, build_network, resolve_network
 from agent.normalizers import RewardScaler
 from agent.optimizers import make_rule
 
@@ -41,13 +47,18 @@ class _Pass:
     `inputs`: the network input; making it added the observation to the running
     statistics, so a pass is made once per observation and reused. `logits`/`value`: the
     heads' outputs (with a graph from `stand_on`, without one from `act_ahead`), valid
-    for the parameters after `updates` updates only."""
+    for the parameters after `updates` updates only.
+
+    `on`: the weight copy the graph is on, for a pass kept by an update for the next act
+    (agent.reuse_next_pass); `kept` until an act has used it."""
 
     observation: np.ndarray
     inputs: torch.Tensor
     logits: torch.Tensor | None = None
     value: torch.Tensor | None = None
     updates: int = -1
+    on: WeightCopy | None = None
+    kept: bool = False
 
     def outputs_for(self, observation: np.ndarray, updates: int) -> bool:
         """True when the heads' outputs on `observation` are those of the parameters now."""
@@ -89,6 +100,11 @@ class A2CLearner:
         # and, in the overlapped loop, the pass on s' made before the update on s -> s'.
         self._here: _Pass | None = None
         self._ahead: _Pass | None = None
+        # reuse_next_pass: two copies, as the kept pass's graph is still needed while the
+        # next one is made; and the weights of a kept pass read from a checkpoint.
+        self._copies = (WeightCopy(self.net), WeightCopy(self.net)) \
+            if config.reuse_next_pass else ()
+        self._resumed_copy: torch.Tensor | None = None
         self.rule = make_rule(self.net, config)  # owns its traces and optimiser state
 
     # -- acting ------------------------------------------------------------------------
@@ -114,15 +130,25 @@ class A2CLearner:
         """After load_state_dict, the observation the agent stands on. When the saved
         learner had seen it, its network input is rebuilt (same statistics, same values)
         without counting it again, so the next act() computes what it would have."""
+        resumed_copy, self._resumed_copy = self._resumed_copy, None
         if seen:
             with torch.no_grad():
                 self._here = _Pass(observation, self.net.preprocess(_batch(observation)))
+            if resumed_copy is not None and self._copies:  # the kept pass, made again
+                copy = self._copies[0]
+                copy.flat.copy_(resumed_copy)
+                self._keep(self._here, *copy.heads(self._here.inputs), copy, self.updates - 1)
 
     def stand_on(self, observation: np.ndarray) -> torch.Tensor:
         """The forward pass on s with its graph, kept for the update on s; returns the
-        logits."""
+        logits. A pass kept by the last update (reuse_next_pass) serves once; a second act
+        on the same s (after a refused update) makes a fresh one."""
         here = self._here = self._pass_on(observation)
+        if here.kept:
+            here.kept = False
+            return here.logits
         here.logits, here.value = self.net.heads(here.inputs)
+        here.on = None
         here.updates = self.updates
         return here.logits
 
@@ -134,6 +160,8 @@ class A2CLearner:
         """Sample the action for s' *before* the update on (s, a, r, s'): the policy that
         acts lags the learner by one update, so the stream can step on another core while
         the update runs. The no-grad pass also gives the V(s') of that update."""
+        if self._copies:
+            raise ValueError("act_ahead does not combine with agent.reuse_next_pass")
         ahead = self._ahead = self._pass_on(next_observation)
         with torch.no_grad():
             ahead.logits, ahead.value = self.net.heads(ahead.inputs)
@@ -161,14 +189,17 @@ class A2CLearner:
         if not math.isfinite(t.reward):
             raise NonFiniteError(f"reward {t.reward!r} is not finite")
         here = self._here
-        if here is not None and here.outputs_for(t.observation, self.updates):
-            logits, value = here.logits, here.value  # stand_on's pass: same s, same weights
+        on = None
+        if here is not None and (here.outputs_for(t.observation, self.updates) or (
+                here.on is not None and here.outputs_for(t.observation, self.updates - 1))):
+            # stand_on's pass: same s, same weights; or the kept pass, one update stale
+            logits, value, on = here.logits, here.value, here.on
         else:
             logits, value = self.net(_batch(t.observation))
         next_pass = None if t.terminated else self._pass_on(t.next_observation)
         seen_before = next_pass is here or next_pass is self._ahead
         try:
-            metrics = self._learn(t, logits, value, next_pass)
+            metrics = self._learn(t, logits, value, next_pass, on)
         except NonFiniteError:
             if next_pass is not None and not seen_before:
                 self.net.preprocess.undo_observe()  # s' joined the statistics above
@@ -177,15 +208,25 @@ class A2CLearner:
         return metrics
 
     def _learn(self, t: Transition, logits: torch.Tensor, value: torch.Tensor,
-               next_pass: _Pass | None) -> dict[str, float]:
+               next_pass: _Pass | None, on: WeightCopy | None) -> dict[str, float]:
         """The TD error, the rule's step and what follows it; raises NonFiniteError
-        before anything is changed."""
+        before anything is changed. `on`: the weight copy logits and value come from."""
         done = t.terminated or t.truncated
         reward, reward_statistics = self._transform_reward(t.reward, done)
+        kept = None
         if next_pass is None:  # terminated: no bootstrap
             next_value = 0.0
         elif next_pass.outputs_for(t.next_observation, self.updates):
             next_value = float(next_pass.value[0])  # act_ahead's pass: same s', same weights
+        elif self._copies and not done:
+            # reuse_next_pass: the pass on s' with its graph, on a copy of the weights as
+            # they are now: the copy the standing pass is not on, whose graph a refusal
+            # must leave intact. No graph after a truncation: a reset follows.
+            standing = self._here.on if self._here is not None else None
+            copy = self._copies[self._copies[0] is standing]
+            copy.take()
+            kept = (*copy.heads(next_pass.inputs), copy)
+            next_value = float(kept[1][0].detach())
         else:
             with torch.no_grad():
                 next_value = float(self.net.value(next_pass.inputs))
@@ -196,8 +237,11 @@ class A2CLearner:
         log_probs = F.log_softmax(logits[0], dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum()
         beta = self.config.entropy_at(self.updates) * math.exp(self.entropy_gain)
-        metrics = self.rule.step(delta_f, log_probs[t.action], entropy, value[0], beta, done)
+        metrics = self.rule.step(delta_f, log_probs[t.action], entropy, value[0], beta, done,
+                                 on)
         # The step was taken: nothing can refuse the update any more.
+        if kept is not None:
+            self._keep(next_pass, *kept, self.updates)
         if reward_statistics is not None:
             self.reward_scaler.commit(reward_statistics)
         self.updates += 1
@@ -206,6 +250,13 @@ class A2CLearner:
         metrics.update(value=float(value[0].detach()), entropy=entropy_f,
                        reward_scaled=reward, entropy_coeff=beta)
         return metrics
+
+    @staticmethod
+    def _keep(kept: _Pass, logits: torch.Tensor, value: torch.Tensor, on: WeightCopy,
+              updates: int) -> None:
+        """Keep a pass made on a weight copy for the next act and update."""
+        kept.logits, kept.value, kept.on, kept.updates, kept.kept = logits, value, on, \
+            updates, True
 
     def _adapt_entropy_gain(self, entropy: float) -> None:
         """Entropy floor: a dual step on log beta, like SAC's temperature but one-sided
@@ -232,6 +283,7 @@ class A2CLearner:
         not flow across the cut."""
         self.rule.reset()
         self._here = self._ahead = None
+        self._resumed_copy = None
 
     def parameters_finite(self) -> bool:
         """True when no weight is NaN/Inf (checked before every checkpoint)."""
@@ -241,11 +293,17 @@ class A2CLearner:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything that makes the next update what it is: weights, optimiser state and
-        traces, normalisers, the action RNG and the update counter."""
-        return {"network": {k: v.clone() for k, v in self.net.state_dict().items()},
-                "optimizer": self.rule.state_dict(),
-                "reward_scaler": self.reward_scaler.state_dict(), "rng": self.rng.get_state(),
-                "updates": self.updates, "entropy_gain": self.entropy_gain}
+        traces, normalisers, the action RNG and the update counter; with reuse_next_pass
+        also the weights the kept pass was made on (a graph cannot be saved: resume_on
+        makes it again from them)."""
+        state = {"network": {k: v.clone() for k, v in self.net.state_dict().items()},
+                 "optimizer": self.rule.state_dict(),
+                 "reward_scaler": self.reward_scaler.state_dict(), "rng": self.rng.get_state(),
+                 "updates": self.updates, "entropy_gain": self.entropy_gain}
+        here = self._here
+        if here is not None and here.kept:
+            state["kept_pass_weights"] = here.on.flat.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state; raises ValueError if it belongs to a different network."""
@@ -261,3 +319,4 @@ class A2CLearner:
         self.updates = int(state["updates"])
         self.entropy_gain = float(state.get("entropy_gain", 0.0))  # absent before the floor
         self._here = self._ahead = None
+        self._resumed_copy = state.get("kept_pass_weights")  # used by resume_on

@@ -21,7 +21,7 @@ from agent.errors import NonFiniteError
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
-    from agent.networks import ActorCritic
+    from agent.networks import ActorCritic, WeightCopy
 
 
 class ObGD:
@@ -98,17 +98,21 @@ class ObGDRule:
         self._value_params = net.value_parameters()
 
     def step(self, delta: float, log_prob: torch.Tensor, entropy: torch.Tensor,
-             value: torch.Tensor, beta: float, done: bool) -> dict[str, float]:
-        """One update from the TD error; `done` clears the traces after it."""
+             value: torch.Tensor, beta: float, done: bool,
+             on: WeightCopy | None = None) -> dict[str, float]:
+        """One update from the TD error; `done` clears the traces after it. `on`: the copy
+        of the weights the outputs were computed on, when not the network's own."""
         # stream-x: the entropy bonus is signed by delta so it pushes with the trace.
         policy_objective = -(log_prob + beta * float(np.sign(delta)) * entropy)
         value_objective = -value
         net = self.net
         if net.shared_trunk:
             # The trunk feeds both objectives: each needs its own gradient of it.
+            policy_params, value_params = (self._policy_params, self._value_params) \
+                if on is None else (on.policy, on.value)
             grads = [torch.autograd.grad(objective, params, retain_graph=True)
-                     for objective, params in ((policy_objective, self._policy_params),
-                                               (value_objective, self._value_params))]
+                     for objective, params in ((policy_objective, policy_params),
+                                               (value_objective, value_params))]
             pi_grad, v_grad = (torch.cat([g.reshape(-1) for g in gs]) for gs in grads)
         else:
             # Disjoint towers: one backward pass into the flat gradient buffer gives
@@ -158,8 +162,10 @@ class AdamLambda:
         self._next_trace = torch.zeros_like(net.flat) if config.lambda_ > 0 else None
 
     def step(self, delta: float, log_prob: torch.Tensor, entropy: torch.Tensor,
-             value: torch.Tensor, beta: float, done: bool) -> dict[str, float]:
-        """One update from the TD error; `done` clears the trace after it."""
+             value: torch.Tensor, beta: float, done: bool,
+             on: WeightCopy | None = None) -> dict[str, float]:
+        """One update from the TD error; `done` clears the trace after it. `on` is not
+        needed: the gradients of a WeightCopy land in the flat gradient buffer too."""
         config = self.config
         clip = config.td_error_clip
         # A clipped delta is the derivative of a Huber loss: one surprising transition

@@ -58,6 +58,7 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "agent.reward_transform": (st.sampled_from(["scale", "clip", "none"]), st.just("log")),
     "agent.normalize_observations": (st.booleans(), st.just("yes please")),
     "agent.max_grad_norm": (st.one_of(st.none(), st.floats(0.1, 10)), st.just(-1)),
+    "agent.reuse_next_pass": (st.booleans(), st.just("twice")),
     "checkpoint.every_steps": (st.one_of(st.none(), st.integers(1, 1000)), st.just(0)),
     "checkpoint.every_seconds": (st.one_of(st.none(), st.floats(1, 600)), st.just(0.5)),
     "checkpoint.keep": (st.integers(1, 4), st.just(0)),
@@ -72,7 +73,8 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "seed": (st.integers(0, 2**32 - 1), st.sampled_from([-1, 2**64])),
 }
 INTERACTING = {"env.screen_size", "env.kwargs", "agent.network", "agent.optimizer",
-               "agent.td_error_clip", "checkpoint.every_steps", "checkpoint.every_seconds",
+               "agent.td_error_clip", "agent.reuse_next_pass", "run.overlap_stream",
+               "checkpoint.every_steps", "checkpoint.every_seconds",
                "faults.stream_backoff_seconds", "faults.stream_backoff_max_seconds",
                "log.video_every_games"}
 # Lines that are wrong whatever else is set: the error names the line's key.
@@ -90,6 +92,8 @@ def cross_problems(sets: dict[str, Any]) -> set[str]:
     if "checkpoint.every_steps" in sets and sets["checkpoint.every_steps"] is None \
             and "checkpoint.every_seconds" in sets and sets["checkpoint.every_seconds"] is None:
         problems.add("checkpoint.every_steps")
+    if sets.get("agent.reuse_next_pass") and sets.get("run.overlap_stream"):
+        problems.add("agent.reuse_next_pass")
     if sets.get("faults.stream_backoff_max_seconds", 60.0) \
             < sets.get("faults.stream_backoff_seconds", 1.0):
         problems.add("faults.stream_backoff_max_seconds")

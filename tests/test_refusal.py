@@ -39,11 +39,13 @@ class Case:
     """A learner after 16 ordinary updates (one episode end among them), the observation
     it stands on, and the source of further observations, all from fixed seeds."""
 
-    def __init__(self, layout: str, optimizer: str, reward_transform: str) -> None:
+    def __init__(self, layout: str, optimizer: str, reward_transform: str,
+                 reuse_next_pass: bool = False) -> None:
         network, self.shape, actions = LAYOUTS[layout]
         name, lambda_, lr = OPTIMIZERS[optimizer]
         config = AgentConfig(network=network, hidden_size=16, optimizer=name, lambda_=lambda_,
-                             lr=lr, reward_transform=reward_transform)
+                             lr=lr, reward_transform=reward_transform,
+                             reuse_next_pass=reuse_next_pass)
         self.learner = A2CLearner(config, self.shape, actions, seed=3)
         self.rng = np.random.default_rng(5)
         self.obs = _observation(self.rng, self.shape)
@@ -71,7 +73,8 @@ def _full_state(learner: A2CLearner) -> dict:
     state = learner.state_dict()
     state["buffers"] = {k: v.clone() for k, v in learner.net.named_buffers()}  # + float32
     state["passes"] = tuple(None if p is None else (p.observation, p.inputs, p.logits,
-                                                    p.value, p.updates)
+                                                    p.value, p.updates, p.kept,
+                                                    None if p.on is None else p.on.flat)
                             for p in (learner._here, learner._ahead))
     return state
 
@@ -140,13 +143,25 @@ FAULTS: dict[str, Fault] = {
 CASES = [pytest.param(layout, optimizer, fault, id=f"{layout}-{optimizer}-{fault}")
          for layout in LAYOUTS for optimizer in OPTIMIZERS for fault, spec in FAULTS.items()
          if spec[1](layout, optimizer)]
+# agent.reuse_next_pass: the update stands on the pass the last one kept, on a weight copy,
+# and makes the next one on the other copy: the faults that reach the TD error and the step.
+REUSE_FAULTS = ("TD error overflowing float32 after s' joined the statistics",
+                "gradient overflowing float32", "policy trace overflowing",
+                "value trace overflowing after the policy side was ready to step")
+REUSE_CASES = [pytest.param(layout, optimizer, fault, True,
+                            id=f"reuse_next_pass-{layout}-{optimizer}-{fault}")
+               for layout in LAYOUTS for optimizer in OPTIMIZERS for fault in REUSE_FAULTS
+               if FAULTS[fault][1](layout, optimizer)]
 
 
-@pytest.mark.parametrize(("layout", "optimizer", "fault"), CASES)
+@pytest.mark.parametrize(("layout", "optimizer", "fault", "reuse_next_pass"),
+                         [pytest.param(*case.values, False, id=case.id) for case in CASES]
+                         + REUSE_CASES)
 def test_a_refused_update_leaves_the_whole_state_as_it_was(layout: str, optimizer: str,
-                                                           fault: str) -> None:
+                                                           fault: str,
+                                                           reuse_next_pass: bool) -> None:
     transform, _, setup, call = FAULTS[fault]
-    faulty, twin = Case(layout, optimizer, transform), Case(layout, optimizer, transform)
+    faulty, twin = (Case(layout, optimizer, transform, reuse_next_pass) for _ in range(2))
     for case in (faulty, twin):
         setup(case)
         case.act()  # the action is taken; the update on it is what gets refused
@@ -157,6 +172,7 @@ def test_a_refused_update_leaves_the_whole_state_as_it_was(layout: str, optimize
     after = _full_state(faulty.learner)
     _assert_same(after, before)
     assert faulty.learner._here is here  # the very pass the act made, kept for a retry
+    assert (here.on is not None) == reuse_next_pass  # the kept pass was acted on
     _assert_same(after, _full_state(twin.learner))
     # ... and it goes on exactly as the twin that never saw the fault.
     outcomes = []

@@ -99,6 +99,8 @@ EXACT_CASES = [
      ["env.id=CartPole-v1", "agent.optimizer=adam", "agent.lr=0.001"], 3000, 1337),
     ("cartpole-overlapped-stream", "config.yaml",
      ["env.id=CartPole-v1", "run.overlap_stream=true"], 3000, 1337),
+    ("cartpole-reuse-next-pass", "config.yaml",
+     ["env.id=CartPole-v1", "agent.reuse_next_pass=true"], 3000, 1337),
 ]
 
 

@@ -12,6 +12,8 @@ preprocessing) so machine noise hits all alike:
                 forwards, two backward passes, ObGD with per-parameter Python loops and .item()
   daemon-stream ActingLoop + A2CLearner with config.yaml on the stream net (ObGD)
   daemon-default  the default config.yaml as it is (ObGD over the shared-conv net's shared trunk)
+  daemon-default-reuse  the same with agent.reuse_next_pass: true (one forward pass per step:
+                the pass on s' keeps its graph for the next action and update)
   *-overlap     the same daemon loops with run.overlap_stream: true (the stream steps on a
                 second thread during the update; the acting policy lags by one update)
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 "daemon-stream-overlap": daemon_loop(default, stream_net + overlap),
                 "daemon-stream-2threads": daemon_loop(default, stream_net + threads),
                 "learner-stream": learner_only(default, stream_net),
-                "daemon-default": daemon_loop(default)}
+                "daemon-default": daemon_loop(default),
+                "daemon-default-reuse": daemon_loop(default, ("agent.reuse_next_pass=true",))}
     for step in variants.values():
         time_block(step, 50)  # warm-up: allocator, oneDNN primitive caches
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -233,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_2threads_over_daemon (stream net)": ratio("daemon-stream-2threads",
                                                          "daemon-stream"),
         "ratio_learner_alone_over_seed_loop (shared-conv net)": ratio("learner-seed", "seed-loop"),
+        "ratio_reuse_next_pass_over_daemon (default)": ratio("daemon-default-reuse",
+                                                             "daemon-default"),
     }, indent=1))
     return 0
 

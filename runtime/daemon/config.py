@@ -160,6 +160,14 @@ class Config:
     seed: int = option(0, "Seed of the network initialisation, the actions and the stream.",
                        within(0, 2**32 - 1))
 
+    def problems(self) -> list[tuple[str, str]]:
+        """Settings of two sections that do not combine."""
+        if self.agent.reuse_next_pass and self.run.overlap_stream:
+            return [("agent.reuse_next_pass", "cannot be combined with run.overlap_stream "
+                     "(that loop samples the action for s' before the update that would make the "
+                     "pass on s')")]
+        return []
+
 
 def _yaml_name(field: dataclasses.Field) -> str:
     return field.name.rstrip("_")  # lambda_ -> lambda
