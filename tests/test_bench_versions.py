@@ -1,0 +1,27 @@
+"""tools/bench_versions.py runs both trees' loops and cleans its worktree up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def _worktrees() -> str:
+    return subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_compares_the_working_tree_with_a_commit() -> None:
+    before = _worktrees()
+    done = subprocess.run([sys.executable, "tools/bench_versions.py", "--base", "HEAD",
+                           "--rounds", "1", "--blocks", "1", "--block-steps", "5",
+                           "--set", "env.id=CartPole-v1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["steps_per_s_median"]["base"] > 0 and report["ratio_current_over_base"] > 0
+    assert len(report["ratio_per_round"]) == 1
+    assert _worktrees() == before  # the temporary worktree of the base is gone

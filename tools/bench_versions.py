@@ -1,0 +1,86 @@
+"""Steps/s of the daemon's loop at two commits, side by side: is a change any slower?
+
+    python tools/bench_versions.py --base REV [--rounds 4] [--blocks 3] [--block-steps 300]
+        [--set KEY=VALUE ...]
+
+REV is checked out into a temporary git worktree. Each round runs the loop of REV and of
+the working tree, one after the other, in fresh processes (`daemon_loop` of each tree's own
+tools/bench_throughput.py, default config.yaml plus the --set lines, Breakout), so the
+noise of a shared machine hits both alike. Prints one JSON object: the median steps/s of
+each tree, their ratio (working tree / REV) and the ratio of each round's medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tools import ROOT
+
+# Run inside each tree (cwd): its own code, its own benchmark's daemon_loop.
+_PROBE = """
+import importlib.util, json, sys, time
+from pathlib import Path
+tree = Path.cwd()
+sys.path.insert(0, str(tree))
+spec = importlib.util.spec_from_file_location("bench", tree / "tools" / "bench_throughput.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+blocks, block_steps, overrides = int(sys.argv[1]), int(sys.argv[2]), tuple(sys.argv[3:])
+step = bench.daemon_loop(tree / "config.yaml", overrides)
+for _ in range(100):  # warm-up: allocator, oneDNN primitive caches
+    step()
+rates = []
+for _ in range(blocks):
+    start = time.perf_counter()
+    for _ in range(block_steps):
+        step()
+    rates.append(block_steps / (time.perf_counter() - start))
+print(json.dumps(rates))
+"""
+
+
+def rates_in(tree: Path, blocks: int, block_steps: int, overrides: list[str]) -> list[float]:
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(blocks), str(block_steps),
+                           *overrides], cwd=tree, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, help="the commit to compare against")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--block-steps", type=int, default=300)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        base_tree = Path(scratch) / "base"
+        subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), args.base],
+                       cwd=ROOT, check=True, capture_output=True)
+        try:
+            rounds = [{name: rates_in(tree, args.blocks, args.block_steps, args.set)
+                       for name, tree in (("base", base_tree), ("current", ROOT))}
+                      for _ in range(args.rounds)]
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)],
+                           cwd=ROOT, check=False, capture_output=True)
+    medians = {name: statistics.median(r for one in rounds for r in one[name])
+               for name in ("base", "current")}
+    print(json.dumps({
+        "base": args.base, "overrides": args.set,
+        "steps_per_s_median": {k: round(v, 1) for k, v in medians.items()},
+        "ratio_current_over_base": round(medians["current"] / medians["base"], 3),
+        "ratio_per_round": [round(statistics.median(one["current"])
+                                  / statistics.median(one["base"]), 3) for one in rounds],
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
