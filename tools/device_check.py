@@ -55,7 +55,6 @@ from typing import Any
 import numpy as np
 
 from runtime.cli import OneLineParser, UsageError, positive_int
-from runtime.errors import first_line
 from runtime.streams import make_stream
 from tools import ROOT
 from tools.device_emulator import (
@@ -69,7 +68,7 @@ from tools.device_emulator import (
     Device,
     log,
 )
-from tools.device_probe import DeviceCheckError, load_frames
+from tools.device_probe import DeviceCheckError, load_frames, report_error
 from tools.device_wheel import build_wheel
 
 DEFAULT_FRAMES = ROOT / "tests" / "data" / "breakout_frames.npz"
@@ -415,15 +414,9 @@ def main(argv: list[str] | None = None, run: Callable[..., dict] = run_check) ->
                                            args.seed)))
             return 0
         result = run(args)
-    except UsageError as exc:
-        print(f"device_check: error: {exc}", file=sys.stderr)
-        return 2
-    except DeviceCheckError as exc:
-        print(f"device_check: error: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        print(f"device_check: error: {type(exc).__name__}: {first_line(exc, 300)}", file=sys.stderr)
-        return 1
+    except (UsageError, DeviceCheckError, OSError, ValueError,
+            subprocess.SubprocessError) as exc:
+        return report_error("device_check", exc)
     print(json.dumps(result))
     if not result["passed"]:
         print(f"device_check: error: {'; '.join(result['failures'])}", file=sys.stderr)

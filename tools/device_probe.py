@@ -145,6 +145,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def report_error(prog: str, exc: Exception) -> int:
+    """One line on stderr for what a main() caught; returns the exit code (2: bad usage)."""
+    if isinstance(exc, (UsageError, DeviceCheckError)):
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+    else:
+        print(f"{prog}: error: {type(exc).__name__}: {first_line(exc, 300)}", file=sys.stderr)
+    return 2 if isinstance(exc, UsageError) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -154,16 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         result = probe(args.model, load_frames(args.frames), threads=args.threads)
         np.savez(args.out, logits=result["logits"], actions=result["actions"])
         result["summary"].update(read_memory_kb())  # peak after the run
-    except UsageError as exc:
-        print(f"device_probe: error: {exc}", file=sys.stderr)
-        return 2
-    except DeviceCheckError as exc:
-        print(f"device_probe: error: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
-        print(f"device_probe: error: {type(exc).__name__}: {first_line(exc, 300)}",
-              file=sys.stderr)
-        return 1
+    except (UsageError, DeviceCheckError, OSError, ValueError) as exc:
+        return report_error("device_probe", exc)
     print(json.dumps(result["summary"]))
     return 0
 
