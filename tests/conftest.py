@@ -127,3 +127,14 @@ def device_run(venv: dict, *args: str, cwd: Path, timeout: float = 120
     """`python args` with the device venv's interpreter, from `cwd` (outside the repo)."""
     return subprocess.run([str(venv["python"]), *args], cwd=cwd, text=True,
                           capture_output=True, timeout=timeout, env=_device_env())
+
+
+@pytest.fixture
+def one_torch_thread() -> object:
+    """One torch thread, as the daemon runs (two spin against each other on a busy box)."""
+    import torch  # only the tests that ask for this fixture need torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ OPTIMIZERS = {"obgd": ("obgd", 0.8, 1.0), "adam": ("adam", 0.0, 1e-3),
               "adam-lambda": ("adam", 0.8, 1e-3)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """One torch thread, as the daemon runs (two spin against each other on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _observation(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

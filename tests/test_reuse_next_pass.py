@@ -20,12 +20,7 @@ from tests.conftest import ROOT
 LAYOUTS = {"shared-conv": ((4, 32, 32), 4), "mlp": ((4,), 2)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _learner(network: str, **settings: object) -> tuple[A2CLearner, np.random.Generator]:
