@@ -20,7 +20,7 @@ from runtime.sdnotify import Notifier
 
 log = logging.getLogger("runtime.daemon")
 
-RECENT_GAMES = 100  # the "return(last N)" of the progress line
+RECENT_GAMES = 100  # the "return(last N)" of the progress line and of published policies
 
 
 class Progress:

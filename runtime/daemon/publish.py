@@ -49,6 +49,7 @@ from runtime.daemon.export import (
     training_frames,
 )
 from runtime.daemon.loop import Counters
+from runtime.daemon.progress import RECENT_GAMES
 from runtime.daemon.triggers import Every
 from runtime.errors import first_line
 from runtime.files import write_atomic
@@ -69,7 +70,6 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # how often the loop looks for a finished export
 CLOSE_GRACE_SECONDS = 30.0  # at shutdown, an export in flight may finish this long
-RECENT_GAMES = 100
 
 
 def export_key(config: Config) -> bytes | None:
