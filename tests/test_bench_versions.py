@@ -25,3 +25,11 @@ def test_compares_the_working_tree_with_a_commit() -> None:
     assert report["steps_per_s_median"]["base"] > 0 and report["ratio_current_over_base"] > 0
     assert len(report["ratio_per_round"]) == 1
     assert _worktrees() == before  # the temporary worktree of the base is gone
+
+
+def test_an_unknown_base_is_one_line_and_exit_2() -> None:
+    done = subprocess.run([sys.executable, "tools/bench_versions.py", "--base", "no-such-rev"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "bench_versions: error: --base no-such-rev: fatal: invalid reference: no-such-rev"]

@@ -61,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         base_tree = Path(scratch) / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), args.base],
-                       cwd=ROOT, check=True, capture_output=True)
+        added = subprocess.run(["git", "worktree", "add", "--detach", str(base_tree),
+                                args.base], cwd=ROOT, capture_output=True, text=True)
+        if added.returncode != 0:
+            lines = added.stderr.strip().splitlines() or ["git worktree add failed"]
+            print(f"bench_versions: error: --base {args.base}: {lines[-1]}", file=sys.stderr)
+            return 2
         try:
             rounds = [{name: rates_in(tree, args.blocks, args.block_steps, args.set)
                        for name, tree in (("base", base_tree), ("current", ROOT))}

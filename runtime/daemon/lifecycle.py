@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from agent.learner import A2CLearner
-from agent.networks import FORMER_NAMES, FrameTooSmall, resolve_network
+from agent.networks import FrameTooSmall, resolve_network
 from runtime.cli import OneLineParser, UsageError
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore
 from runtime.daemon.config import Config, ConfigError, load_config, to_dict
@@ -182,8 +182,9 @@ class Daemon:
 
     def _restore(self, payload: dict[str, Any], path: Path) -> None:
         mine, theirs = self._spec(), payload.get("spec", {})
-        theirs = {**theirs, "network": FORMER_NAMES.get(theirs.get("network"),
-                                                        theirs.get("network"))}
+        if isinstance(theirs.get("network"), str):  # read under its current name
+            theirs = {**theirs, "network": resolve_network(theirs["network"],
+                                                           tuple(mine["observation_shape"]))}
         for key in ("network", "optimizer", "observation_shape", "num_actions"):
             if theirs.get(key) != mine[key]:
                 raise UsageError(f"checkpoint {path} does not match this config: {key} is "
