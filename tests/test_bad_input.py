@@ -155,3 +155,15 @@ def test_at_least_thirty_bad_inputs_each_exit_2_with_one_line(tmp_path: Path) ->
 @pytest.mark.parametrize("flag", ["--help"])
 def test_help_is_not_an_error(flag: str) -> None:
     assert _run(["-m", "runtime.daemon", flag]).returncode == 0
+
+
+def test_yaml_words_mean_what_the_user_typed(tmp_path: Path) -> None:
+    """YAML 1.1 reads `off` as false and `1e-4` as a string: both are taken as meant, in
+    the config file and on the command line."""
+    from runtime.daemon.config import load_config
+    text = (ROOT / "config.yaml").read_text().replace("onednn: auto", "onednn: off")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(text.replace("lr: 1.0 ", "lr: 1e-4 "))
+    config = load_config(config_file, [])
+    assert config.run.onednn == "off" and config.agent.lr == 1e-4
+    assert load_config(ROOT / "config.yaml", ["run.onednn=on"]).run.onednn == "on"

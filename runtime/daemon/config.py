@@ -192,13 +192,17 @@ def _type_problem(value: Any, annotation: Any) -> str | None:
     return f"must be {names}, got {type(value).__name__} {value!r}"
 
 
-def _yaml_float(value: Any, annotation: Any) -> Any:
-    """PyYAML reads `1e-4` (no dot) as a string; take it as the float the user meant."""
+def _yaml_scalar(value: Any, annotation: Any) -> Any:
+    """Take a scalar as the user meant it where YAML 1.1 reads it as another type:
+    PyYAML reads `1e-4` (no dot) as a string, and `on`/`off` (run.onednn's words) as
+    booleans."""
     if isinstance(value, str) and annotation in (float, float | None):
         try:
             return float(value)
         except ValueError:
             return value
+    if isinstance(value, bool) and annotation is str:
+        return "on" if value else "off"
     return value
 
 
@@ -225,7 +229,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, field in fields.items():
         if name not in data:
             continue
-        annotation, value = hints[field.name], _yaml_float(data[name], hints[field.name])
+        annotation, value = hints[field.name], _yaml_scalar(data[name], hints[field.name])
         if dataclasses.is_dataclass(annotation):
             values[field.name] = _build(annotation, value, f"{prefix}{name}.")
             continue
