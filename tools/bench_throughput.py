@@ -14,6 +14,7 @@ preprocessing) so machine noise hits all alike:
   daemon-default  the default config.yaml as it is (ObGD over the shared-conv net's shared trunk)
   daemon-default-reuse  the same with agent.reuse_next_pass: true (one forward pass per step:
                 the pass on s' keeps its graph for the next action and update)
+  daemon-default-onednn-off  the default with run.onednn: off (torch's own convolutions)
   *-overlap     the same daemon loops with run.overlap_stream: true (the stream steps on a
                 second thread during the update; the acting policy lags by one update)
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
@@ -194,23 +195,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--block-steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="+", metavar="VARIANT",
+                        help="run these variants only (ratios need both of their variants)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_preset, default = ROOT / "presets" / "seed.yaml", ROOT / "config.yaml"
     overlap, threads = ("run.overlap_stream=true",), ("run.torch_threads=2",)
     stream_net = ("agent.network=stream",)
-    variants = {"seed-loop": _baseline(seed_loop(), args.threads),
-                "daemon-seed": daemon_loop(seed_preset),
-                "daemon-seed-overlap": daemon_loop(seed_preset, overlap),
-                "daemon-seed-2threads": daemon_loop(seed_preset, threads),
-                "learner-seed": learner_only(seed_preset),
-                "streamx-loop": _baseline(streamx_loop(), args.threads),
-                "daemon-stream": daemon_loop(default, stream_net),
-                "daemon-stream-overlap": daemon_loop(default, stream_net + overlap),
-                "daemon-stream-2threads": daemon_loop(default, stream_net + threads),
-                "learner-stream": learner_only(default, stream_net),
-                "daemon-default": daemon_loop(default),
-                "daemon-default-reuse": daemon_loop(default, ("agent.reuse_next_pass=true",))}
+    makers: dict[str, Callable[[], Step]] = {
+        "seed-loop": lambda: _baseline(seed_loop(), args.threads),
+        "daemon-seed": lambda: daemon_loop(seed_preset),
+        "daemon-seed-overlap": lambda: daemon_loop(seed_preset, overlap),
+        "daemon-seed-2threads": lambda: daemon_loop(seed_preset, threads),
+        "learner-seed": lambda: learner_only(seed_preset),
+        "streamx-loop": lambda: _baseline(streamx_loop(), args.threads),
+        "daemon-stream": lambda: daemon_loop(default, stream_net),
+        "daemon-stream-overlap": lambda: daemon_loop(default, stream_net + overlap),
+        "daemon-stream-2threads": lambda: daemon_loop(default, stream_net + threads),
+        "learner-stream": lambda: learner_only(default, stream_net),
+        "daemon-default": lambda: daemon_loop(default),
+        "daemon-default-reuse": lambda: daemon_loop(default, ("agent.reuse_next_pass=true",)),
+        "daemon-default-onednn-off": lambda: daemon_loop(default, ("run.onednn=off",))}
+    unknown = set(args.only or ()) - set(makers)
+    if unknown:
+        parser.error(f"unknown variant(s) {sorted(unknown)} (known: {', '.join(makers)})")
+    variants = {name: make() for name, make in makers.items()
+                if args.only is None or name in args.only}
     for step in variants.values():
         time_block(step, 50)  # warm-up: allocator, oneDNN primitive caches
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -218,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, step in variants.items():
             rates[name].append(time_block(step, args.block_steps))
 
-    def ratio(a: str, b: str) -> float:
+    def ratio(a: str, b: str) -> float | None:
+        if a not in rates or b not in rates:
+            return None  # one of the two was left out by --only
         return round(statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True)), 2)
 
     print(json.dumps({
@@ -238,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_learner_alone_over_seed_loop (shared-conv net)": ratio("learner-seed", "seed-loop"),
         "ratio_reuse_next_pass_over_daemon (default)": ratio("daemon-default-reuse",
                                                              "daemon-default"),
+        "ratio_onednn_off_over_daemon (default)": ratio("daemon-default-onednn-off",
+                                                        "daemon-default"),
     }, indent=1))
     return 0
 
