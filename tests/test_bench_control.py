@@ -1,0 +1,36 @@
+"""tools/bench_control.py and its yardstick, tools/reference_stream_ac.py, on tiny budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools import bench_control, reference_stream_ac
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_the_reference_learner_is_reproducible_and_reports_each_episode() -> None:
+    first = reference_stream_ac.run("CartPole-v1", 600, seed=3)
+    assert first == reference_stream_ac.run("CartPole-v1", 600, seed=3)
+    assert first != reference_stream_ac.run("CartPole-v1", 600, seed=4)
+    steps = [step for step, _ in first]
+    assert steps == sorted(steps) and steps[-1] <= 600
+    assert all(ret >= 1 for _, ret in first)  # CartPole pays 1 per step
+
+
+def test_the_reference_learner_refuses_continuous_actions() -> None:
+    with pytest.raises(SystemExit, match="no discrete actions"):
+        reference_stream_ac.run("Pendulum-v1", 10, seed=0)
+
+
+def test_bench_control_prints_both_learners_per_task(capsys: pytest.CaptureFixture) -> None:
+    assert bench_control.main(["--envs", "CartPole-v1", "--steps", "400", "--seeds", "2",
+                               "--max-episode-steps", "100"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["env"] == "CartPole-v1" and line["max_episode_steps"] == 100
+    for learner in ("daemon", "reference"):
+        figures = line[learner]
+        assert len(figures["mean_all"]) == 2 and len(figures["last_20"]) == 2
+        assert all(0 < m <= 100 for m in figures["mean_all"])  # the time limit holds
