@@ -34,3 +34,17 @@ def test_bench_control_prints_both_learners_per_task(capsys: pytest.CaptureFixtu
         figures = line[learner]
         assert len(figures["mean_all"]) == 2 and len(figures["last_20"]) == 2
         assert all(0 < m <= 100 for m in figures["mean_all"])  # the time limit holds
+
+
+def test_kept_outputs_summarize_into_one_row_per_task_and_limit(tmp_path) -> None:
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text(json.dumps({"env": "Acrobot-v1", "max_episode_steps": 10000,
+                                "daemon": {"mean_all": [-150.0, -160.0],
+                                           "mean_all_over_seeds": -155.0}}) + "\n")
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text(json.dumps({"env": "Acrobot-v1", "max_episode_steps": 10000,
+                                  "reference": {"mean_all": [-2000.0],
+                                                "mean_all_over_seeds": -2000.0}}) + "\n")
+    table = bench_control.summarize([str(ours), str(theirs)]).splitlines()
+    assert table[0] == "| task | time limit | ours.jsonl (daemon) | theirs.jsonl (reference) |"
+    assert table[2] == "| Acrobot-v1 | 10000 | -155.0 (2 seeds) | -2000.0 (1 seeds) |"

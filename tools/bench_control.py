@@ -10,6 +10,11 @@ JSON line per task with, for both: the mean return of all episodes finished with
 budget (how fast it learns: the area under the curve) and of the last 20 (where it got),
 per seed and averaged over seeds. Both learners see the task's registered time limit, or
 both the one given by --max-episode-steps (the public script runs 10,000).
+
+    python tools/bench_control.py --summarize docs/runs/control/*.jsonl
+
+prints the table of kept outputs (the figures in the README): per task and time limit,
+each file's mean over seeds of the mean return within the budget, and its seed count.
 """
 
 from __future__ import annotations
@@ -55,6 +60,33 @@ def _figures(per_seed: list[list[float]]) -> dict[str, object]:
             "last_20_over_seeds": round(float(np.mean([m for m in last_20 if m is not None])), 1)}
 
 
+def summarize(paths: list[str]) -> str:
+    """A markdown table of kept bench_control outputs: one row per task and time limit,
+    one column per file and learner."""
+    cells: dict[tuple[str, object], dict[str, str]] = {}
+    columns: list[str] = []
+    for path in paths:
+        with open(path) as lines:
+            for line in lines:
+                record = json.loads(line)
+                row = cells.setdefault((record["env"], record.get("max_episode_steps")), {})
+                for learner in ("daemon", "reference"):
+                    if learner not in record:
+                        continue
+                    column = f"{path.rsplit('/', 1)[-1]} ({learner})"
+                    if column not in columns:
+                        columns.append(column)
+                    figures = record[learner]
+                    row[column] = (f"{figures['mean_all_over_seeds']} "
+                                   f"({len(figures['mean_all'])} seeds)")
+    table = ["| task | time limit | " + " | ".join(columns) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+    for (env, limit), row in cells.items():
+        table.append(f"| {env} | {limit or 'registered'} | "
+                     + " | ".join(row.get(c, "") for c in columns) + " |")
+    return "\n".join(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1",
@@ -67,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="time limit for both learners (default: the registered one)")
     parser.add_argument("--only", choices=["daemon", "reference"], default=None,
                         help="run one of the two learners (to split the work over processes)")
+    parser.add_argument("--summarize", nargs="+", metavar="FILE",
+                        help="print the table of kept outputs instead of running")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     torch.set_num_threads(1)
     for env_id in args.envs:
         line: dict[str, object] = {"env": env_id, "steps": args.steps, "overrides": args.set,
