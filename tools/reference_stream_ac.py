@@ -6,10 +6,12 @@ An independent re-implementation of the public script's algorithm with its defau
 (Elsayed, Vasan and Mahmood, "Streaming Deep Reinforcement Learning Finally Works", 2024):
 separate policy and value MLPs of two hidden layers of 32 units, each followed by a
 parameter-free LayerNorm and a LeakyReLU; sparse initialisation (90% of each unit's fan-in
-zeroed) and zero biases; ObGD with lr 1, gamma 0.99, lambda 0.8, kappa 3 (policy) and 2
+zeroed, rounded up, so a first layer over fewer than 10 inputs starts all zero) and zero
+biases; ObGD with lr 1, gamma 0.99, lambda 0.8, kappa 3 (policy) and 2
 (value); entropy 0.01 scaled by sign(delta); observations normalised by their running
 mean and variance, rewards divided by the running standard deviation of a discounted return
-trace; the elapsed fraction of the episode's time limit appended to each observation.
+trace; the elapsed fraction of the episode's time limit appended to each observation
+(counted after the step that made it; the public script's wrapper counts one step less).
 
 Two choices of the public script are left as options because they change the task rather
 than the learner: it raises every episode's time limit to 10,000 steps
