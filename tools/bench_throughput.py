@@ -15,6 +15,7 @@ preprocessing) so machine noise hits all alike:
   daemon-default-reuse  the same with agent.reuse_next_pass: true (one forward pass per step:
                 the pass on s' keeps its graph for the next action and update)
   daemon-default-onednn-off  the default with run.onednn: off (torch's own convolutions)
+  daemon-default-channels-last  the default with the network's input in channels-last format
   *-overlap     the same daemon loops with run.overlap_stream: true (the stream steps on a
                 second thread during the update; the acting policy lags by one update)
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
@@ -47,11 +48,18 @@ from tools import ROOT
 Step = Callable[[], None]
 
 
-def daemon_loop(config_path: Path, overrides: tuple[str, ...] = ()) -> Step:
-    """The exact code path the daemon runs per step."""
+def daemon_loop(config_path: Path, overrides: tuple[str, ...] = (),
+                channels_last: bool = False) -> Step:
+    """The exact code path the daemon runs per step; `channels_last` hands the network
+    its input in channels-last memory format (the layers' outputs follow it)."""
     config = load_config(config_path, list(overrides))
     stream = open_stream(config.env, config.seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
+    if channels_last:
+        preprocess = learner.net.preprocess
+        contiguous_forward = preprocess.forward
+        preprocess.forward = lambda obs: contiguous_forward(obs).contiguous(  # type: ignore[method-assign]
+            memory_format=torch.channels_last)
     loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
 
     def step() -> None:
@@ -215,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "learner-stream": lambda: learner_only(default, stream_net),
         "daemon-default": lambda: daemon_loop(default),
         "daemon-default-reuse": lambda: daemon_loop(default, ("agent.reuse_next_pass=true",)),
-        "daemon-default-onednn-off": lambda: daemon_loop(default, ("run.onednn=off",))}
+        "daemon-default-onednn-off": lambda: daemon_loop(default, ("run.onednn=off",)),
+        "daemon-default-channels-last": lambda: daemon_loop(default, channels_last=True)}
     unknown = set(args.only or ()) - set(makers)
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)} (known: {', '.join(makers)})")
@@ -252,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              "daemon-default"),
         "ratio_onednn_off_over_daemon (default)": ratio("daemon-default-onednn-off",
                                                         "daemon-default"),
+        "ratio_channels_last_over_daemon (default)": ratio("daemon-default-channels-last",
+                                                           "daemon-default"),
     }, indent=1))
     return 0
 
