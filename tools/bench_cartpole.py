@@ -17,25 +17,12 @@ import sys
 import numpy as np
 import torch
 
-from agent.learner import A2CLearner
-from runtime.daemon.config import load_config
-from runtime.daemon.loop import ActingLoop, Counters
-from runtime.streams import open_stream
 from tools import ROOT
+from tools.bench_control import daemon_returns
 
 
 def last_20_mean(config_path: str, overrides: list[str], seed: int, steps: int) -> float:
-    config = load_config(config_path, ["env.id=CartPole-v1", f"seed={seed}", *overrides])
-    stream = open_stream(config.env, seed)
-    learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions,
-                         seed=seed)
-    loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
-    returns = []
-    for _ in range(steps):
-        game = loop.step()
-        if game is not None:
-            returns.append(game.game_return)
-    loop.close()
+    returns = daemon_returns(config_path, overrides, "CartPole-v1", seed, steps)
     return round(float(np.mean(returns[-20:])), 1)
 
 
