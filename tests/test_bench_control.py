@@ -48,3 +48,12 @@ def test_kept_outputs_summarize_into_one_row_per_task_and_limit(tmp_path) -> Non
     table = bench_control.summarize([str(ours), str(theirs)]).splitlines()
     assert table[0] == "| task | time limit | ours.jsonl (daemon) | theirs.jsonl (reference) |"
     assert table[2] == "| Acrobot-v1 | 10000 | -155.0 (2 seeds) | -2000.0 (1 seeds) |"
+
+
+def test_bad_input_gets_one_line(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench_control.main(["--summarize", str(tmp_path / "missing.jsonl")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit, match="NoSuchEnv-v0"):
+        reference_stream_ac.run("NoSuchEnv-v0", 10, seed=0)

@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the table of kept outputs instead of running")
     args = parser.parse_args(argv)
     if args.summarize:
-        print(summarize(args.summarize))
+        try:
+            print(summarize(args.summarize))
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a missing or foreign file
+            parser.exit(2, f"bench_control: error: cannot summarize: "
+                           f"{type(exc).__name__}: {exc}\n")
         return 0
     torch.set_num_threads(1)
     for env_id in args.envs:

@@ -110,7 +110,11 @@ def run(env_id: str, steps: int, seed: int, *, max_episode_steps: int | None = N
     """Learn for `steps` agent steps; returns (step, game return) per finished episode."""
     gamma, entropy_coeff = 0.99, 0.01
     generator = torch.Generator().manual_seed(seed)
-    env = gym.wrappers.FlattenObservation(gym.make(env_id, max_episode_steps=max_episode_steps))
+    try:
+        env = gym.wrappers.FlattenObservation(gym.make(env_id,
+                                                       max_episode_steps=max_episode_steps))
+    except gym.error.Error as exc:  # an unknown id, a missing dependency
+        raise SystemExit(f"error: {env_id}: {exc}") from None
     if not isinstance(env.action_space, gym.spaces.Discrete):
         raise SystemExit(f"error: {env_id} has no discrete actions")
     time_limit = env.spec.max_episode_steps if env.spec and env.spec.max_episode_steps else 1000
