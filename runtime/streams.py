@@ -487,6 +487,12 @@ def _is_atari(spec: gym.envs.registration.EnvSpec) -> bool:
     return getattr(entry, "__module__", "") == "ale_py.env"
 
 
+def is_atari_id(env_id: str) -> bool:
+    """Whether `make_stream` gives an Atari stream (with its preprocessing) for this id;
+    raises StreamError for an unknown id."""
+    return _is_atari(_lookup_spec(env_id))
+
+
 def _make_env(env_id: str, kwargs: dict[str, Any], user_kwargs: bool) -> gym.Env:
     """gym.make with errors converted to one-line StreamErrors (blaming the user's kwargs
     when there are any)."""
@@ -541,7 +547,12 @@ def make_stream(
     return AtariStream(env, opts, seed=seed)
 
 
-def open_stream(env: EnvSettings, seed: int) -> Stream:
+def open_stream(env: EnvSettings, seed: int, *, own_process: bool = False) -> Stream:
     """The stream an env config section describes: what the daemon learns from, and what
-    the exporter and the benchmarks replay."""
+    the exporter and the benchmarks replay; `own_process` runs it in a child process
+    (runtime.sensor_process)."""
+    if own_process:
+        from runtime.sensor_process import ProcessStream  # it imports this module
+
+        return ProcessStream(env.id, dict(env.kwargs), seed=seed, atari=AtariOptions.of(env))
     return make_stream(env.id, dict(env.kwargs), seed=seed, atari=AtariOptions.of(env))

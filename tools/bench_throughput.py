@@ -18,6 +18,10 @@ preprocessing) so machine noise hits all alike:
   daemon-default-channels-last  the default with the network's input in channels-last format
   *-overlap     the same daemon loops with run.overlap_stream: true (the stream steps on a
                 second thread during the update; the acting policy lags by one update)
+  daemon-default-process  the default with run.stream_process: true (the stream in its own
+                process: only the hand-over added)
+  daemon-default-process-overlap  ... and run.overlap_stream: true (the stream process steps
+                during the update)
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
   learner-*     the learner alone on recorded frames, no emulator: the ceiling of any loop
 Prints one JSON object: steps/s per variant (median, min, max over blocks) and the ratios
@@ -53,7 +57,7 @@ def daemon_loop(config_path: Path, overrides: tuple[str, ...] = (),
     """The exact code path the daemon runs per step; `channels_last` hands the network
     its input in channels-last memory format (the layers' outputs follow it)."""
     config = load_config(config_path, list(overrides))
-    stream = open_stream(config.env, config.seed)
+    stream = open_stream(config.env, config.seed, own_process=config.run.stream_process)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
     if channels_last:
         preprocess = learner.net.preprocess
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     seed_preset, default = ROOT / "presets" / "seed.yaml", ROOT / "config.yaml"
     overlap, threads = ("run.overlap_stream=true",), ("run.torch_threads=2",)
+    process = ("run.stream_process=true",)
     stream_net = ("agent.network=stream",)
     makers: dict[str, Callable[[], Step]] = {
         "seed-loop": lambda: _baseline(seed_loop(), args.threads),
@@ -224,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         "daemon-default": lambda: daemon_loop(default),
         "daemon-default-reuse": lambda: daemon_loop(default, ("agent.reuse_next_pass=true",)),
         "daemon-default-onednn-off": lambda: daemon_loop(default, ("run.onednn=off",)),
-        "daemon-default-channels-last": lambda: daemon_loop(default, channels_last=True)}
+        "daemon-default-channels-last": lambda: daemon_loop(default, channels_last=True),
+        "daemon-default-overlap": lambda: daemon_loop(default, overlap),
+        "daemon-default-process": lambda: daemon_loop(default, process),
+        "daemon-default-process-overlap": lambda: daemon_loop(default, process + overlap)}
     unknown = set(args.only or ()) - set(makers)
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)} (known: {', '.join(makers)})")
@@ -263,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
                                                         "daemon-default"),
         "ratio_channels_last_over_daemon (default)": ratio("daemon-default-channels-last",
                                                            "daemon-default"),
+        "ratio_overlap_over_daemon (default)": ratio("daemon-default-overlap",
+                                                     "daemon-default"),
+        "ratio_stream_process_over_daemon (default)": ratio("daemon-default-process",
+                                                            "daemon-default"),
+        "ratio_stream_process_overlap_over_daemon (default)": ratio(
+            "daemon-default-process-overlap", "daemon-default"),
     }, indent=1))
     return 0
 

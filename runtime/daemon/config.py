@@ -78,6 +78,11 @@ class RunConfig:
         False, "Step the stream on a second thread while the learner updates (uses a "
         "second core). The acting policy then lags the learner by one update: the action "
         "for s' is sampled before the update on the transition into s'.")
+    stream_process: bool = option(
+        False, "Run the stream (emulator and preprocessing) in its own process: with "
+        "overlap_stream it steps there, on another core and without the learner's GIL, "
+        "while the learner updates; and an emulator crash ends that process, which is "
+        "replaced like any failed stream, not the daemon.")
     onednn: str = option("auto", "auto | on | off: oneDNN (mkldnn) convolutions. auto = off "
                          "for the stream and shared-stream networks, whose small "
                          "convolutions run ~30% faster "

@@ -35,7 +35,7 @@ from runtime.daemon.triggers import Every
 from runtime.files import write_atomic
 from runtime.metrics import MetricsLog
 from runtime.sdnotify import Notifier
-from runtime.streams import AtariStream, Stream, StreamError
+from runtime.streams import Stream, StreamError, is_atari_id
 
 log = logging.getLogger("runtime.daemon")
 
@@ -158,7 +158,7 @@ class Daemon:
             self.learner = A2CLearner(config.agent, spec.observation_shape, spec.num_actions,
                                       seed=config.seed)
         except FrameTooSmall as exc:
-            key = "env.screen_size" if isinstance(self.stream, AtariStream) else "agent.network"
+            key = "env.screen_size" if is_atari_id(config.env.id) else "agent.network"
             network = resolve_network(config.agent.network, spec.observation_shape)
             raise UsageError(f"{key}: {exc.frame[0]}x{exc.frame[1]} frames are smaller than the "
                              f"{exc.smallest}x{exc.smallest} the {network} network's "

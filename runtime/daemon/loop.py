@@ -18,6 +18,7 @@ import torch
 
 from agent.errors import NonFiniteError
 from agent.learner import A2CLearner, Transition
+from runtime.sensor_process import PendingStep, ProcessStream
 from runtime.streams import Stream, StreamError
 from runtime.video import GameRecorder, VideoError
 
@@ -104,9 +105,10 @@ def _sensor(what: str, call: Callable[..., T], *args: object) -> T:
 class ActingLoop:
     """Runs the agent's life on a stream that never ends: episodes reset automatically.
 
-    With `overlap` the stream steps on a worker thread (ALE and numpy release the GIL, so
-    on a second core) while the learner updates: the action for s' is sampled before the
-    update on the transition into s' (`A2CLearner.act_ahead`), one update behind.
+    With `overlap` the stream steps while the learner updates, in its own process (a
+    ProcessStream) or else on a worker thread (ALE and numpy release the GIL, so on a
+    second core): the action for s' is sampled before the update on the transition into
+    s' (`A2CLearner.act_ahead`), one update behind.
     """
 
     def __init__(self, learner: A2CLearner, stream: Stream, counters: Counters,
@@ -117,8 +119,10 @@ class ActingLoop:
         self.rollback_on_nonfinite = rollback_on_nonfinite
         self._tally = _GameTally()
         self.recorder: GameRecorder | None = None  # set while a game is being filmed
-        self._worker = ThreadPoolExecutor(1, "stream") if overlap else None
-        self._in_flight: tuple[int, Future[StepResult]] | None = None  # (action, its step)
+        self._overlap = overlap
+        self._worker: ThreadPoolExecutor | None = None  # made when a thread must step
+        # (action, its step), the step started while the learner updated (overlap)
+        self._in_flight: tuple[int, PendingStep | Future[StepResult]] | None = None
         # Why a resumed run could not go on with the episode it was in (None: it did).
         self.cut: str | None = None
         if resume is None:
@@ -160,13 +164,19 @@ class ActingLoop:
                              "truncated": truncated, "game_over": info.get("game_over", True)}
             except Exception:  # noqa: BLE001 - the next step reports it as a StreamFault
                 why = "the stream step in flight failed"
+        stream_state = None
+        if why is None:
+            try:
+                stream_state = self.stream.state_dict()
+            except StreamError as exc:  # e.g. a stream process that died since its last step
+                why = f"the stream's state could not be read: {exc}"
         tally = self._tally
         return {"observation": torch.from_numpy(self.observation.copy()),
                 "seen": self.learner.has_seen(self.observation),
                 "tally": {"return": tally.game_return, "length": tally.length,
                           "sums": dict(tally.sums)},
                 "in_flight": in_flight, "filming": self.recorder is not None,
-                "stream": self.stream.state_dict() if why is None else None,
+                "stream": stream_state,
                 "stream_unavailable": why}
 
     def load_state_dict(self, stream: Stream, state: dict[str, Any]) -> None:
@@ -212,9 +222,9 @@ class ActingLoop:
             self._film()
         if not math.isfinite(reward) or (self._float_obs and not np.isfinite(next_obs).all()):
             return self._drop_reading()
-        if self._worker is not None and not (terminated or truncated):
+        if self._overlap and not (terminated or truncated):
             next_action = self.learner.act_ahead(next_obs)
-            self._in_flight = (next_action, self._worker.submit(self.stream.step, next_action))
+            self._in_flight = (next_action, self._step_ahead(next_action))
         try:
             metrics = self.learner.update(
                 Transition(obs, action, reward, next_obs, terminated, truncated))
@@ -225,6 +235,15 @@ class ActingLoop:
         if metrics is None and self.rollback_on_nonfinite:
             raise RollbackNeeded(summary)  # after the step is counted: the stream moved on
         return summary
+
+    def _step_ahead(self, action: int) -> PendingStep | Future[StepResult]:
+        """Start the stream's step while the learner updates: a stream in its own process
+        steps there; any other steps on the worker thread."""
+        if isinstance(self.stream, ProcessStream):
+            return self.stream.submit(action)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, "stream")
+        return self._worker.submit(self.stream.step, action)
 
     def _drop_reading(self) -> None:
         """A corrupt reading: learn nothing from it, and start a clean episode."""
