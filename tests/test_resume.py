@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from agent.networks import resolve_network
 from runtime.daemon.checkpoints import CheckpointStore, encode, read_checkpoint
 from runtime.daemon.config import load_config
 from runtime.daemon.lifecycle import Daemon
@@ -261,3 +262,26 @@ def test_videos_of_games_begun_after_the_checkpoint_are_moved_aside(tmp_path: Pa
     assert names(tmp_path / "run" / "videos") == names(tmp_path / "reference" / "videos")
     (aside,) = (tmp_path / "run" / "videos").glob("orphaned-*")
     assert names(aside) and all(int(n.split("-")[3][:9]) > 600 for n in names(aside))
+
+
+def test_network_auto_goes_on_with_the_network_a_run_began_with(tmp_path: Path) -> None:
+    """A run begun on the image network `auto` does not pick (as every run begun before
+    auto picked shared-stream did) resumes and exports on its own network."""
+    run = tmp_path / "run"
+    other = "shared-conv" if resolve_network("auto", (4, 84, 84)) != "shared-conv" \
+        else "shared-stream"
+    args = ["--config", "config.yaml", "--run-dir", str(run)]
+    began = cli("runtime.daemon", *args, "--set", f"agent.network={other}", "--max-steps", "30")
+    assert began.returncode == 0, began.stderr
+    path = run / "checkpoints" / f"ckpt-{30:012d}.pt"
+    payload = read_checkpoint(path)
+    payload["config"]["agent"]["network"] = "auto"  # as a run begun with `auto` stored it
+    path.write_bytes(encode(payload))
+    exported = cli("tools.export_onnx", "--run-dir", str(run), "--out", str(tmp_path / "a.onnx"))
+    assert exported.returncode == 0, exported.stderr
+    resumed = cli("runtime.daemon", *args, "--max-steps", "60")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"agent.network: auto goes on with {other}, the network this run began" \
+        in resumed.stderr
+    assert "goes on exactly where it stopped" in resumed.stderr
+    assert checkpoint_at(run, 60)["spec"]["network"] == other

@@ -165,6 +165,11 @@ class Config:
     seed: int = option(0, "Seed of the network initialisation, the actions and the stream.",
                        within(0, 2**32 - 1))
 
+    def on_network(self, network: str) -> Config:
+        """This config with `agent.network` set to the network a checkpoint's weights
+        belong to (its spec names it), which `auto` may no longer pick."""
+        return dataclasses.replace(self, agent=dataclasses.replace(self.agent, network=network))
+
     def problems(self) -> list[tuple[str, str]]:
         """Settings of two sections that do not combine."""
         if self.agent.reuse_next_pass and self.run.overlap_stream:

@@ -91,8 +91,10 @@ def load_actor(payload: dict[str, Any], name: str = "checkpoint"
     """The torch actor (obs -> logits, eval mode) of a checkpoint and the run's Config;
     raises ExportError."""
     try:
-        config = from_dict(payload["config"])
         spec = payload["spec"]
+        # The spec names the network the weights belong to; the stored config may say
+        # `auto`, which picks another network for frames since shared-stream became it.
+        config = from_dict(payload["config"]).on_network(spec["network"])
         learner = A2CLearner(config.agent, tuple(spec["observation_shape"]),
                              int(spec["num_actions"]))
         # Only the weights (and the normaliser statistics among them) make the actor; the

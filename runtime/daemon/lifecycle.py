@@ -118,6 +118,8 @@ class Daemon:
             self.stream = self.streams.open(steps)
         except StreamError as exc:
             raise UsageError(f"env.{exc.key}: {exc}") from None
+        if found is not None:
+            self._keep_network_of(found[0].get("spec", {}))
         self._check_fits_stream()
         configure_torch(self.config, self.learner.network_name)
         if self.fresh:
@@ -165,6 +167,19 @@ class Daemon:
                              f"convolutions need") from None
         except ValueError as exc:
             raise UsageError(f"agent.network: {exc}") from None
+
+    def _keep_network_of(self, theirs: dict[str, Any]) -> None:
+        """`network: auto` resumes a run on the network it began with: a run started
+        when auto picked shared-conv for frames goes on with its shared-conv weights."""
+        shape = self.stream.spec.observation_shape
+        if self.config.agent.network != "auto" or not isinstance(theirs.get("network"), str) \
+                or tuple(theirs.get("observation_shape", ())) != shape:
+            return  # a mismatch is _restore's to report
+        began_with = resolve_network(theirs["network"], shape)
+        if began_with != resolve_network("auto", shape):
+            log.info("agent.network: auto goes on with %s, the network this run began with",
+                     began_with)
+            self.config = self.config.on_network(began_with)
 
     def _spec(self) -> dict[str, Any]:
         spec = self.stream.spec
