@@ -50,16 +50,31 @@ def within(low: float, high: float, *, allow_none: bool = False) -> Check:
     return check
 
 
+def above_or_auto(low: float) -> Check:
+    number = above(low)
+    return lambda v: None if v == "auto" else (
+        number(v) if isinstance(v, (int, float)) else "must be a number or auto")
+
+
+# ObGD's bounds (policy, value) for `auto`: stream-x's, except on shared-stream. Its 211k
+# weights make the traces' L1 norm, which the bound divides the step by, large: halved,
+# it left Breakout's 2.3 plateau far sooner (README, Results, Breakout). On the small
+# networks the halved bounds cost Acrobot one seed in ten (README, small control tasks).
+STREAM_X_KAPPAS = (3.0, 2.0)
+AUTO_KAPPAS = {"shared-stream": (1.5, 1.0)}
+
+
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
     """How the agent learns: network, optimiser, targets and normalisation."""
 
     network: str = option(
-        "auto", "auto | shared-conv | shared-stream | stream | mlp. auto picks shared-conv "
-        "(one conv trunk under linear policy and value heads) for image observations and mlp "
-        "for vectors, so one config serves every stream. stream: separate stream-x conv "
-        "towers; shared-stream: the stream-x layers as one shared trunk. 'seed' is read as "
-        "shared-conv, its former name.",
+        "auto", "auto | shared-conv | shared-stream | stream | mlp. auto picks "
+        "shared-stream (stream-x's conv layers as one trunk under linear policy and value "
+        "heads) for image observations and mlp for vectors, so one config serves every "
+        "stream; a resumed run keeps the network it began with. shared-conv: the "
+        "notebook's smaller conv trunk; stream: separate stream-x conv towers. 'seed' is "
+        "read as shared-conv, its former name.",
         one_of("auto", "shared-conv", "shared-stream", "stream", "mlp", "seed"))
     hidden_size: int = option(256, "Width of the hidden fully connected layers (stream, "
                               "shared-stream, mlp).",
@@ -73,8 +88,12 @@ class AgentConfig:
     lambda_: float = option(0.8, "Eligibility-trace decay. 0 = exactly one-step; with adam "
                             "the traced gradient delta*z is what Adam sees.", within(0.0, 1.0))
     lr: float = option(1.0, "Step size: ObGD's alpha, or Adam's learning rate.", above(0.0))
-    kappa_policy: float = option(3.0, "ObGD overshooting bound for the policy.", above(0.0))
-    kappa_value: float = option(2.0, "ObGD overshooting bound for the value.", above(0.0))
+    kappa_policy: float | str = option(
+        "auto", "ObGD overshooting bound for the policy; auto = 1.5 on the shared-stream "
+        "network, 3 (stream-x's) on the others.", above_or_auto(0.0))
+    kappa_value: float | str = option(
+        "auto", "ObGD overshooting bound for the value; auto = 1 on the shared-stream "
+        "network, 2 (stream-x's) on the others.", above_or_auto(0.0))
     entropy_coeff: float = option(0.01, "Entropy bonus beta at the start.", at_least(0.0))
     entropy_final: float | None = option(
         None, "Entropy bonus after the decay; null keeps entropy_coeff constant.",
@@ -82,7 +101,7 @@ class AgentConfig:
     entropy_decay_steps: int = option(1_000_000, "Updates over which beta decays linearly "
                                       "to entropy_final.", at_least(1))
     entropy_floor: float | None = option(
-        None, "Entropy floor as a fraction of the largest entropy, ln(actions): while the "
+        0.2, "Entropy floor as a fraction of the largest entropy, ln(actions): while the "
         "policy's entropy is below it, beta grows (and shrinks back to the scheduled value "
         "above it), so a policy that turns deterministic too early is pushed back to "
         "explore; null = off.", within(0.0, 1.0, allow_none=True))
@@ -110,6 +129,12 @@ class AgentConfig:
         "(the action as with run.overlap_stream), and the TD error of that update is "
         "r + gamma V(s'') - V(s') with V(s') the stale value. A resumed run recomputes it "
         "from the copy saved in the checkpoint. Not with run.overlap_stream.")
+
+    def kappas(self, network: str) -> tuple[float, float]:
+        """ObGD's bounds (policy, value) on the named network, `auto` resolved."""
+        policy, value = AUTO_KAPPAS.get(network, STREAM_X_KAPPAS)
+        return (policy if self.kappa_policy == "auto" else float(self.kappa_policy),
+                value if self.kappa_value == "auto" else float(self.kappa_value))
 
     def entropy_at(self, update: int) -> float:
         """The entropy bonus for the given update count (linear decay, then constant)."""

@@ -105,7 +105,8 @@ class A2CLearner:
         self._copies = (WeightCopy(self.net), WeightCopy(self.net)) \
             if config.reuse_next_pass else ()
         self._resumed_copy: torch.Tensor | None = None
-        self.rule = make_rule(self.net, config)  # owns its traces and optimiser state
+        # owns its traces and optimiser state
+        self.rule = make_rule(self.net, config, self.network_name)
 
     # -- acting ------------------------------------------------------------------------
 

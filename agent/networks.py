@@ -240,15 +240,16 @@ FORMER_NAMES = {"seed": "shared-conv"}
 
 
 def resolve_network(name: str, observation_shape: tuple[int, ...]) -> str:
-    """`auto` -> shared-conv for stacked frames (C, H, W), mlp for vectors.
+    """`auto` -> shared-stream for stacked frames (C, H, W), mlp for vectors.
 
-    For frames the shared trunk wins: with ObGD on Breakout the shared conv trunk, which
-    the critic's denser signal shapes for the actor too, took off at ~200k steps where the
-    separate stream-x towers stayed flat to 1M (README, Presets)."""
+    For frames a shared trunk wins: with ObGD on Breakout a trunk that the critic's denser
+    signal shapes for the actor too took off where the separate stream-x towers stayed
+    flat to 1M; and stream-x's wider layers in that trunk (shared-stream) kept climbing
+    where the notebook's small one (shared-conv) flattened near 18 (README, Results)."""
     name = FORMER_NAMES.get(name, name)
     if name != "auto":
         return name
-    return "shared-conv" if len(observation_shape) == 3 else "mlp"
+    return "shared-stream" if len(observation_shape) == 3 else "mlp"
 
 
 def build_network(name: str, observation_shape: tuple[int, ...], num_actions: int, *,

@@ -89,11 +89,12 @@ class ObGDRule:
     """The learner's ObGD update: one ObGD (its own trace) for the policy parameters and
     one for the value parameters, over the same network."""
 
-    def __init__(self, net: ActorCritic, config: AgentConfig) -> None:
+    def __init__(self, net: ActorCritic, config: AgentConfig, network: str) -> None:
         self.net = net
         common = {"lr": config.lr, "gamma": config.gamma, "lambda_": config.lambda_}
-        self.policy = ObGD(net.policy_flat, kappa=config.kappa_policy, **common)
-        self.value = ObGD(net.value_flat, kappa=config.kappa_value, **common)
+        kappa_policy, kappa_value = config.kappas(network)
+        self.policy = ObGD(net.policy_flat, kappa=kappa_policy, **common)
+        self.value = ObGD(net.value_flat, kappa=kappa_value, **common)
         self._policy_params = net.policy_parameters()
         self._value_params = net.value_parameters()
 
@@ -254,6 +255,7 @@ class AdamLambda:
 UpdateRule = ObGDRule | AdamLambda
 
 
-def make_rule(net: ActorCritic, config: AgentConfig) -> UpdateRule:
-    """The update rule config.optimizer names, over `net`."""
-    return ObGDRule(net, config) if config.optimizer == "obgd" else AdamLambda(net, config)
+def make_rule(net: ActorCritic, config: AgentConfig, network: str) -> UpdateRule:
+    """The update rule config.optimizer names, over `net` (the network named `network`)."""
+    return ObGDRule(net, config, network) if config.optimizer == "obgd" \
+        else AdamLambda(net, config)

@@ -44,7 +44,7 @@ BAD_DAEMON_SETS = [
     ("negative seed", ["seed=-1"], "seed: must be in [0, 4294967295]"),
     # what depends on other keys
     ("frames below the network's reach", ["env.screen_size=16"],
-     "env.screen_size: 16x16 frames are smaller than the 29x29 the shared-conv network's"),
+     "env.screen_size: 16x16 frames are smaller than the 53x53 the shared-stream network's"),
     ("a key under its former name", ["log.video_every_episodes=1"],
      "log.video_every_episodes: renamed to log.video_every_games"),
     ("no checkpoint interval", ["checkpoint.every_steps=null", "checkpoint.every_seconds=null"],

@@ -30,7 +30,7 @@ FRAMES = {"ALE/Breakout-v5"}  # the stream gives frames; the others give vectors
 ENVS = ["ALE/Breakout-v5", "CartPole-v1", "Acrobot-v1", "FrozenLake-v1"]
 BAD_ENVS = ["NoSuchEnv-v0", "Pendulum-v1", "ALE/NoSuchGame-v5"]
 # What a network's convolutions need, for the oracle (agent/networks.py: min_frame_size).
-SMALLEST_FRAME = {"shared-conv": 29, "seed": 29, "stream": 53}
+SMALLEST_FRAME = {"shared-conv": 29, "seed": 29, "stream": 53, "shared-stream": 53}
 
 # key -> (valid values, invalid values): valid on their own, that is.
 KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
@@ -45,7 +45,8 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
                    st.sampled_from([3, [1], {"wheels": 4}, {"frameskip": 2},
                                     {"render_mode": "human"},
                                     {"repeat_action_probability": 0.3}])),
-    "agent.network": (st.sampled_from(["auto", "shared-conv", "seed", "stream", "mlp"]),
+    "agent.network": (st.sampled_from(["auto", "shared-conv", "shared-stream", "seed", "stream",
+                                       "mlp"]),
                       st.just("resnet")),
     "agent.hidden_size": (st.integers(1, 48), st.sampled_from([0, "wide"])),
     "agent.optimizer": (st.sampled_from(["obgd", "adam"]), st.just("sgd")),
@@ -54,6 +55,9 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "agent.lr": (st.floats(1e-5, 2), st.sampled_from([0, -1e-3])),
     "agent.td_error_clip": (st.one_of(st.none(), st.floats(0.1, 10)), st.sampled_from([0, -1])),
     "agent.entropy_coeff": (st.floats(0, 0.1), st.just(-0.01)),
+    "agent.kappa_policy": (st.one_of(st.just("auto"), st.floats(0.5, 4)),
+                           st.sampled_from([0, -1, "big"])),
+    "agent.kappa_value": (st.one_of(st.just("auto"), st.floats(0.5, 4)), st.just("auto?")),
     "agent.entropy_floor": (st.one_of(st.none(), st.floats(0, 1)), st.just(1.5)),
     "agent.reward_transform": (st.sampled_from(["scale", "clip", "none"]), st.just("log")),
     "agent.normalize_observations": (st.booleans(), st.just("yes please")),
@@ -101,7 +105,7 @@ def cross_problems(sets: dict[str, Any]) -> set[str]:
         return problems
     frames = sets["env.id"] in FRAMES
     network = sets.get("agent.network", "auto")
-    network = ("shared-conv" if frames else "mlp") if network == "auto" else network
+    network = ("shared-stream" if frames else "mlp") if network == "auto" else network
     kwargs = sets.get("env.kwargs", {})
     if network in SMALLEST_FRAME and not frames or network == "mlp" and frames:
         problems.add("agent.network")

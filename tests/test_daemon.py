@@ -44,16 +44,18 @@ def test_breakout_run_learns_from_frames(run_dir: Path) -> None:
     assert done.returncode == 0, done.stderr
     payload = read_checkpoint(CheckpointStore(run_dir / "checkpoints", 3).paths()[0])
     assert payload["spec"]["observation_shape"] == [4, 84, 84]
-    assert payload["spec"]["network"] == "shared-conv" and payload["counters"]["steps"] == 300
+    assert payload["spec"]["network"] == "shared-stream" and payload["counters"]["steps"] == 300
 
 
 def test_a_checkpoint_with_former_names_resumes_and_exports(run_dir: Path) -> None:
     """Checkpoints written before the renames (network 'seed', log.video_every_episodes)
-    keep loading: the daemon resumes from one and the exporter reads its config."""
-    assert cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "40")).returncode == 0
+    keep loading: the daemon resumes from one (with `network: auto`, which picked that
+    network then) and the exporter reads its config."""
+    assert cli("runtime.daemon", *_daemon(run_dir, "--max-steps", "40", "--set",
+                                          "agent.network=shared-conv")).returncode == 0
     store = CheckpointStore(run_dir / "checkpoints", 3)
     payload = read_checkpoint(store.paths()[0])
-    payload["spec"]["network"] = "seed"
+    payload["spec"]["network"] = payload["config"]["agent"]["network"] = "seed"
     payload["config"]["log"]["video_every_episodes"] = payload["config"]["log"].pop(
         "video_every_games")
     for path in store.paths():

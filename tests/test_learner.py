@@ -293,20 +293,22 @@ def test_entropy_floor_raises_beta_only_while_the_entropy_is_below_it() -> None:
 
 # sha256 prefixes of net.flat for seed 0 with the default agent settings, recorded before
 # the learner stopped reseeding the process: a seeding change must not move them.
-# (4,): the first layer starts all zero since 8bf9d00 (stream-x's rounding); the frame
-# network's weights are those of every version before.
-INITIAL_WEIGHTS = {(4, 84, 84): "58b4450ee1123607", (4,): "6a90ac20d4db8eeb"}
+# (4,): the first layer starts all zero since 8bf9d00 (stream-x's rounding); shared-conv's
+# weights are those of every version before; shared-stream's those of its Breakout runs.
+INITIAL_WEIGHTS = {((4, 84, 84), "shared-conv"): "58b4450ee1123607",
+                   ((4, 84, 84), "shared-stream"): "a56416522e387837",
+                   ((4,), "mlp"): "6a90ac20d4db8eeb"}
 
 
-@pytest.mark.parametrize("shape", list(INITIAL_WEIGHTS))
+@pytest.mark.parametrize(("shape", "network"), list(INITIAL_WEIGHTS))
 def test_initial_weights_follow_the_seed_and_leave_the_global_rng_alone(
-        shape: tuple[int, ...]) -> None:
+        shape: tuple[int, ...], network: str) -> None:
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    learner = A2CLearner(AgentConfig(), shape, 4, seed=0)
+    learner = A2CLearner(AgentConfig(network=network), shape, 4, seed=0)
     digest = hashlib.sha256(learner.net.flat.detach().numpy().tobytes()).hexdigest()
-    assert digest[:16] == INITIAL_WEIGHTS[shape]
+    assert digest[:16] == INITIAL_WEIGHTS[shape, network]
     assert torch.equal(torch.rand(3), expected_next)  # the process's RNG did not move
 
 

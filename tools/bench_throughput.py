@@ -11,7 +11,8 @@ preprocessing) so machine noise hits all alike:
   streamx-loop  the public stream AC(lambda) script's update: V(s), V(s') and pi(s) as separate
                 forwards, two backward passes, ObGD with per-parameter Python loops and .item()
   daemon-stream ActingLoop + A2CLearner with config.yaml on the stream net (ObGD)
-  daemon-default  the default config.yaml as it is (ObGD over the shared-conv net's shared trunk)
+  daemon-default  the default config.yaml as it is (ObGD over the shared trunk of the network
+                `auto` picks for frames)
   daemon-default-reuse  the same with agent.reuse_next_pass: true (one forward pass per step:
                 the pass on s' keeps its graph for the next action and update)
   daemon-default-onednn-off  the default with run.onednn: off (torch's own convolutions)

@@ -206,7 +206,7 @@ def _yaml_scalar(value: Any, annotation: Any) -> Any:
     """Take a scalar as the user meant it where YAML 1.1 reads it as another type:
     PyYAML reads `1e-4` (no dot) as a string, and `on`/`off` (run.onednn's words) as
     booleans."""
-    if isinstance(value, str) and annotation in (float, float | None):
+    if isinstance(value, str) and annotation in (float, float | None, float | str):
         try:
             return float(value)
         except ValueError:
@@ -249,8 +249,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             problem = check(value)
         if problem is not None:
             raise ConfigError(f"{prefix}{name}: {problem}")
-        if annotation is float or annotation == (float | None):
-            value = float(value) if value is not None else None
+        if annotation in (float, float | None, float | str) and isinstance(value, int):
+            value = float(value)
         values[field.name] = value
     built = cls(**values)
     for key, problem in getattr(built, "problems", lambda: [])():
