@@ -1,7 +1,7 @@
 """Sweeps: a grid of configs x --set lines x seeds, each run a daemon, then one table.
 
     python tools/sweep.py --config default --config seed agent.lr=3e-4 --seeds 0 1 2 \\
-        [--set-grid "" --set-grid "agent.entropy_floor=0.2"] [--set KEY=VALUE ...] \\
+        [--set-grid "" --set-grid "agent.entropy_floor=null"] [--set KEY=VALUE ...] \\
         --steps 1000000 [--jobs 2 | --ray ADDRESS] [--out-dir runs/sweep]
     python tools/sweep.py --out-dir runs/sweep --summarize-only [--at-step 1000000]
 
@@ -61,7 +61,7 @@ RESAMPLES = 2000
 class Run:
     """One daemon run of the grid."""
 
-    name: str                   # its config variant, e.g. "default+agent.entropy_floor=0.2"
+    name: str                   # its config variant, e.g. "default+agent.entropy_floor=null"
     seed: int
     run_dir: Path
     source: Path | None         # the YAML it starts from (None: found by --summarize-only)
