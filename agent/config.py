@@ -128,7 +128,9 @@ class AgentConfig:
         "action and for the gradient. Both then come from the weights of one update before "
         "(the action as with run.overlap_stream), and the TD error of that update is "
         "r + gamma V(s'') - V(s') with V(s') the stale value. A resumed run recomputes it "
-        "from the copy saved in the checkpoint. Not with run.overlap_stream.")
+        "from the copy saved in the checkpoint. With run.overlap_stream the pass on s' is "
+        "made before the update, to pick the action the stream steps with meanwhile: the "
+        "same pass, the same actions and updates.")
 
     def kappas(self, network: str) -> tuple[float, float]:
         """ObGD's bounds (policy, value) on the named network, `auto` resolved."""

@@ -160,14 +160,26 @@ class A2CLearner:
     def act_ahead(self, next_observation: np.ndarray) -> int:
         """Sample the action for s' *before* the update on (s, a, r, s'): the policy that
         acts lags the learner by one update, so the stream can step on another core while
-        the update runs. The no-grad pass also gives the V(s') of that update."""
-        if self._copies:
-            raise ValueError("act_ahead does not combine with agent.reuse_next_pass")
+        the update runs. The pass also gives the V(s') of that update. With
+        reuse_next_pass it is the pass that update keeps (with its graph, on a weight
+        copy), made now instead of inside the update: the same numbers, the same draws."""
         ahead = self._ahead = self._pass_on(next_observation)
-        with torch.no_grad():
-            ahead.logits, ahead.value = self.net.heads(ahead.inputs)
+        if self._copies:
+            copy = self._free_copy()
+            copy.take()
+            ahead.logits, ahead.value = copy.heads(ahead.inputs)
+            ahead.on = copy
+        else:
+            with torch.no_grad():
+                ahead.logits, ahead.value = self.net.heads(ahead.inputs)
         ahead.updates = self.updates
         return self._sample(ahead.logits)
+
+    def _free_copy(self) -> WeightCopy:
+        """reuse_next_pass: the weight copy the standing pass is not on (its graph is still
+        needed by the update on s, and a refused update must leave it intact)."""
+        standing = self._here.on if self._here is not None else None
+        return self._copies[self._copies[0] is standing]
 
     def _sample(self, logits: torch.Tensor) -> int:
         """Inverse-CDF sampling in Python over a handful of action probabilities: a
@@ -218,13 +230,14 @@ class A2CLearner:
         if next_pass is None:  # terminated: no bootstrap
             next_value = 0.0
         elif next_pass.outputs_for(t.next_observation, self.updates):
-            next_value = float(next_pass.value[0])  # act_ahead's pass: same s', same weights
+            # act_ahead's pass: same s', same weights (kept with reuse_next_pass)
+            next_value = float(next_pass.value[0].detach())
+            if next_pass.on is not None and not done:
+                kept = (next_pass.logits, next_pass.value, next_pass.on)
         elif self._copies and not done:
             # reuse_next_pass: the pass on s' with its graph, on a copy of the weights as
-            # they are now: the copy the standing pass is not on, whose graph a refusal
-            # must leave intact. No graph after a truncation: a reset follows.
-            standing = self._here.on if self._here is not None else None
-            copy = self._copies[self._copies[0] is standing]
+            # they are now. No graph after a truncation: a reset follows.
+            copy = self._free_copy()
             copy.take()
             kept = (*copy.heads(next_pass.inputs), copy)
             next_value = float(kept[1][0].detach())

@@ -96,8 +96,6 @@ def cross_problems(sets: dict[str, Any]) -> set[str]:
     if "checkpoint.every_steps" in sets and sets["checkpoint.every_steps"] is None \
             and "checkpoint.every_seconds" in sets and sets["checkpoint.every_seconds"] is None:
         problems.add("checkpoint.every_steps")
-    if sets.get("agent.reuse_next_pass") and sets.get("run.overlap_stream"):
-        problems.add("agent.reuse_next_pass")
     if sets.get("faults.stream_backoff_max_seconds", 60.0) \
             < sets.get("faults.stream_backoff_seconds", 1.0):
         problems.add("faults.stream_backoff_max_seconds")

@@ -102,6 +102,9 @@ EXACT_CASES = [
      ["env.id=CartPole-v1", "run.overlap_stream=true"], 3000, 1337),
     ("cartpole-reuse-next-pass", "config.yaml",
      ["env.id=CartPole-v1", "agent.reuse_next_pass=true"], 3000, 1337),
+    ("cartpole-reuse-next-pass-overlapped", "config.yaml",
+     ["env.id=CartPole-v1", "agent.reuse_next_pass=true", "run.overlap_stream=true"], 3000,
+     1337),
 ]
 
 

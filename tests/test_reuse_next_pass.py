@@ -1,7 +1,7 @@
 """agent.reuse_next_pass: the pass on s' made in update t (weights θ_t) keeps its graph and
 is update t+1's pass on s. The action on s' is sampled from θ_t's logits, the gradient of
-update t+1 is taken at θ_t, its TD error is r + gamma V_θ{t+1}(s'') - V_θt(s'), and the
-option is refused beside run.overlap_stream."""
+update t+1 is taken at θ_t and its TD error is r + gamma V_θ{t+1}(s'') - V_θt(s'); with
+run.overlap_stream the same, the pass on s' made before the update instead of in it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from agent.config import AgentConfig
 from agent.learner import A2CLearner, Transition
-from runtime.daemon.config import ConfigError, load_config
+from runtime.daemon.config import load_config
+from runtime.daemon.loop import ActingLoop, Counters
+from runtime.streams import open_stream
 from tests.conftest import ROOT
 
 LAYOUTS = {"shared-conv": ((4, 32, 32), 4), "mlp": ((4,), 2)}
@@ -148,14 +150,36 @@ def test_resume_makes_the_kept_pass_again_from_the_saved_weights() -> None:
     assert metrics == twin_metrics and torch.equal(twin.net.flat, learner.net.flat)
 
 
-def test_acting_ahead_is_refused_with_the_option_and_so_is_the_overlapped_loop() -> None:
-    learner, rng = _learner("mlp")
-    with pytest.raises(ValueError, match="reuse_next_pass"):
-        learner.act_ahead(_observation(rng, (4,)))
-    with pytest.raises(ConfigError) as refused:
-        load_config(ROOT / "config.yaml", ["agent.reuse_next_pass=true",
-                                           "run.overlap_stream=true"])
-    message = str(refused.value)
-    assert message.startswith("agent.reuse_next_pass:") and "run.overlap_stream" in message
-    assert "\n" not in message
-    assert load_config(ROOT / "config.yaml", ["agent.reuse_next_pass=true"]).agent.reuse_next_pass
+@pytest.mark.parametrize("own_process", [False, True])
+def test_the_overlapped_loop_acts_and_learns_exactly_as_the_plain_loop_does(
+        own_process: bool) -> None:
+    """With the option, act_ahead makes the pass the update keeps: the overlapped loop
+    (the stream stepping during the update) takes the same actions and the same updates."""
+    def run(overlap: bool) -> tuple[list[int], torch.Tensor]:
+        config = load_config(ROOT / "config.yaml", [
+            "env.id=CartPole-v1", "agent.reuse_next_pass=true",
+            f"run.overlap_stream={str(overlap).lower()}",
+            f"run.stream_process={str(own_process and overlap).lower()}"])
+        stream = open_stream(config.env, 0, own_process=config.run.stream_process)
+        learner = A2CLearner(config.agent, stream.spec.observation_shape,
+                             stream.spec.num_actions, seed=0)
+        actions: list[int] = []
+        learner._sample = _recorded(learner._sample, actions)  # type: ignore[method-assign]
+        loop = ActingLoop(learner, stream, Counters(), overlap=overlap)
+        for _ in range(600):  # several episodes: ends, resets and fresh passes
+            loop.step()
+        loop.close()
+        stream.close()
+        assert loop.counters.episodes > 3
+        return actions[:600], learner.net.flat.clone()
+
+    plain, overlapped = run(False), run(True)
+    assert plain[0] == overlapped[0]
+    assert torch.equal(plain[1], overlapped[1])
+
+
+def _recorded(sample, actions: list[int]):
+    def recording(logits: torch.Tensor) -> int:
+        actions.append(sample(logits))
+        return actions[-1]
+    return recording

@@ -23,6 +23,7 @@ preprocessing) so machine noise hits all alike:
                 process: only the hand-over added)
   daemon-default-process-overlap  ... and run.overlap_stream: true (the stream process steps
                 during the update)
+  daemon-default-all  the default with reuse_next_pass, stream_process and overlap_stream
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
   learner-*     the learner alone on recorded frames, no emulator: the ceiling of any loop
 Prints one JSON object: steps/s per variant (median, min, max over blocks) and the ratios
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     seed_preset, default = ROOT / "presets" / "seed.yaml", ROOT / "config.yaml"
     overlap, threads = ("run.overlap_stream=true",), ("run.torch_threads=2",)
-    process = ("run.stream_process=true",)
+    process, reuse = ("run.stream_process=true",), ("agent.reuse_next_pass=true",)
     stream_net = ("agent.network=stream",)
     makers: dict[str, Callable[[], Step]] = {
         "seed-loop": lambda: _baseline(seed_loop(), args.threads),
@@ -228,12 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         "daemon-stream-2threads": lambda: daemon_loop(default, stream_net + threads),
         "learner-stream": lambda: learner_only(default, stream_net),
         "daemon-default": lambda: daemon_loop(default),
-        "daemon-default-reuse": lambda: daemon_loop(default, ("agent.reuse_next_pass=true",)),
+        "daemon-default-reuse": lambda: daemon_loop(default, reuse),
         "daemon-default-onednn-off": lambda: daemon_loop(default, ("run.onednn=off",)),
         "daemon-default-channels-last": lambda: daemon_loop(default, channels_last=True),
         "daemon-default-overlap": lambda: daemon_loop(default, overlap),
         "daemon-default-process": lambda: daemon_loop(default, process),
-        "daemon-default-process-overlap": lambda: daemon_loop(default, process + overlap)}
+        "daemon-default-process-overlap": lambda: daemon_loop(default, process + overlap),
+        "daemon-default-all": lambda: daemon_loop(default, reuse + process + overlap)}
     unknown = set(args.only or ()) - set(makers)
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)} (known: {', '.join(makers)})")
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             "daemon-default"),
         "ratio_stream_process_overlap_over_daemon (default)": ratio(
             "daemon-default-process-overlap", "daemon-default"),
+        "ratio_all_over_daemon (default)": ratio("daemon-default-all", "daemon-default"),
     }, indent=1))
     return 0
 

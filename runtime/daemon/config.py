@@ -170,13 +170,6 @@ class Config:
         belong to (its spec names it), which `auto` may no longer pick."""
         return dataclasses.replace(self, agent=dataclasses.replace(self.agent, network=network))
 
-    def problems(self) -> list[tuple[str, str]]:
-        """Settings of two sections that do not combine."""
-        if self.agent.reuse_next_pass and self.run.overlap_stream:
-            return [("agent.reuse_next_pass", "cannot be combined with run.overlap_stream "
-                     "(that loop samples the action for s' before the update that would make the "
-                     "pass on s')")]
-        return []
 
 
 def _yaml_name(field: dataclasses.Field) -> str:
