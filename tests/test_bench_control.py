@@ -20,6 +20,13 @@ def test_the_reference_learner_is_reproducible_and_reports_each_episode() -> Non
     assert all(ret >= 1 for _, ret in first)  # CartPole pays 1 per step
 
 
+def test_without_its_clock_the_reference_learner_learns_differently() -> None:
+    clocked = reference_stream_ac.run("CartPole-v1", 600, seed=3)
+    unclocked = reference_stream_ac.run("CartPole-v1", 600, seed=3, time_feature=False)
+    assert unclocked and unclocked != clocked
+    assert unclocked == reference_stream_ac.run("CartPole-v1", 600, seed=3, time_feature=False)
+
+
 def test_the_reference_learner_refuses_continuous_actions() -> None:
     with pytest.raises(SystemExit, match="no discrete actions"):
         reference_stream_ac.run("Pendulum-v1", 10, seed=0)

@@ -106,8 +106,11 @@ class _ObGD:
 
 
 def run(env_id: str, steps: int, seed: int, *, max_episode_steps: int | None = None,
-        truncation_is_terminal: bool = False, hidden: int = 32) -> list[tuple[int, float]]:
-    """Learn for `steps` agent steps; returns (step, game return) per finished episode."""
+        truncation_is_terminal: bool = False, hidden: int = 32,
+        time_feature: bool = True) -> list[tuple[int, float]]:
+    """Learn for `steps` agent steps; returns (step, game return) per finished episode.
+    `time_feature=False` feeds a constant in the time feature's place (same networks, same
+    random numbers, no clock): the ablation of what knowing the time limit is worth."""
     gamma, entropy_coeff = 0.99, 0.01
     generator = torch.Generator().manual_seed(seed)
     try:
@@ -129,8 +132,8 @@ def run(env_id: str, steps: int, seed: int, *, max_episode_steps: int | None = N
     def observe(raw: np.ndarray, elapsed: int) -> torch.Tensor:
         obs_stats.update(raw)
         normed = (raw - obs_stats.mean) / np.sqrt(obs_stats.var + 1e-8)
-        time_feature = -0.5 + elapsed / time_limit
-        return torch.as_tensor(np.append(normed, time_feature), dtype=torch.float32)
+        clock = -0.5 + elapsed / time_limit if time_feature else 0.0
+        return torch.as_tensor(np.append(normed, clock), dtype=torch.float32)
 
     raw, _ = env.reset(seed=seed)
     env.action_space.seed(seed)
@@ -182,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the public script uses 10000; default: the registered limit")
     parser.add_argument("--truncation-is-terminal", action="store_true",
                         help="as the public script: no bootstrap through a time limit")
+    parser.add_argument("--no-time-feature", action="store_true",
+                        help="a constant in place of the time feature (an ablation)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     finished = run(args.env, args.steps, args.seed, max_episode_steps=args.max_episode_steps,
-                   truncation_is_terminal=args.truncation_is_terminal)
+                   truncation_is_terminal=args.truncation_is_terminal,
+                   time_feature=not args.no_time_feature)
     returns = [r for _, r in finished]
     print(json.dumps({"env": args.env, "seed": args.seed, "steps": args.steps,
                       "episodes": len(returns),
