@@ -75,10 +75,15 @@ class ProcessStream:
                  atari: AtariOptions | None = None) -> None:
         parent, child = socket.socketpair()
         with child:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "runtime.sensor_process", "--fd", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL)
+            try:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "runtime.sensor_process", "--fd",
+                     str(child.fileno())], pass_fds=(child.fileno(),),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            except OSError as exc:  # no processes left, an unreadable interpreter, ...
+                parent.close()
+                raise StreamError(f"cannot start the stream process: {first_line(exc)}") \
+                    from None
         self._conn = Connection(parent.detach())
         self._pending: PendingStep | None = None
         try:

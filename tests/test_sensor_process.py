@@ -69,6 +69,15 @@ def test_a_stream_that_cannot_be_made_is_refused_naming_the_setting(
     assert "\n" not in str(refused.value)
 
 
+def test_a_stream_process_that_cannot_start_is_a_stream_error(monkeypatch) -> None:
+    def no_processes_left(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_processes_left)
+    with pytest.raises(StreamError, match="cannot start the stream process: .*unavailable"):
+        ProcessStream("CartPole-v1")
+
+
 def test_a_failing_step_is_reported_and_the_stream_goes_on_answering() -> None:
     stream = ProcessStream("tests.faulty_env:FaultyCartPole-v0", {"raise_step_at": [3]})
     try:
