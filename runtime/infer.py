@@ -46,19 +46,20 @@ from runtime.contract import (
     LOGITS,
     OPTION_NAMES,
     OUTPUTS,
-    AtariOptions,
+    REQUIRED_OPTION_NAMES,
+    StreamOptions,
 )
 from runtime.errors import first_line
 
 if TYPE_CHECKING:
     from runtime.video import GameRecorder
 
-# Metadata keys the exporter writes besides the stream options (AtariOptions reads those);
+# Metadata keys the exporter writes besides the stream options (StreamOptions reads those);
 # all values are strings in the ONNX file.
 _INT_KEYS = ("num_actions", "training_step")
 _JSON_KEYS = ("observation_shape", "action_meanings", "env_kwargs")
 _STR_KEYS = ("format_version", "env_id", "observation_dtype")
-REQUIRED_KEYS = _STR_KEYS + _INT_KEYS + _JSON_KEYS + OPTION_NAMES
+REQUIRED_KEYS = _STR_KEYS + _INT_KEYS + _JSON_KEYS + REQUIRED_OPTION_NAMES
 _ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
 KEPT_LATENCIES = 100_000  # act latencies behind the p50/p99 (the newest)
 KEPT_RETURNS = 100  # game returns listed when playing until stopped (the newest)
@@ -89,7 +90,7 @@ def parse_metadata(raw: Mapping[str, str], source: str = "model") -> dict[str, A
     except ValueError as exc:
         raise ModelError(f"{source}: malformed metadata value ({first_line(exc, 300)})") from None
     try:
-        meta.update(dataclasses.asdict(AtariOptions.from_metadata(raw)))
+        meta.update(dataclasses.asdict(StreamOptions.from_metadata(raw)))
     except ValueError as exc:  # names the option and the value
         raise ModelError(f"{source}: {first_line(exc, 300)}") from None
     shape = meta["observation_shape"]
@@ -215,9 +216,9 @@ def make_stream_from_metadata(metadata: Mapping[str, Any], env_id: str | None = 
     preprocessing options. Raises runtime.streams.StreamError."""
     from runtime.streams import make_stream
 
-    atari = AtariOptions(**{name: metadata[name] for name in OPTION_NAMES})
+    options = StreamOptions(**{name: metadata[name] for name in OPTION_NAMES})
     kwargs = {**metadata["env_kwargs"], **(extra_kwargs or {})}
-    return make_stream(env_id or metadata["env_id"], kwargs, seed=seed, atari=atari)
+    return make_stream(env_id or metadata["env_id"], kwargs, seed=seed, options=options)
 
 
 def _percentile_us(latencies_ns: Sequence[int], q: float) -> float | None:

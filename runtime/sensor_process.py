@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.contract import AtariOptions, StreamError
+from runtime.contract import StreamError, StreamOptions
 from runtime.errors import first_line
 from runtime.streams import StreamSpec, make_stream
 
@@ -72,7 +72,7 @@ class ProcessStream:
     cannot be made, and StreamError naming the cause when the child fails or dies later."""
 
     def __init__(self, env_id: str, env_kwargs: dict | None = None, *, seed: int = 0,
-                 atari: AtariOptions | None = None) -> None:
+                 options: StreamOptions | None = None) -> None:
         parent, child = socket.socketpair()
         with child:
             try:
@@ -87,7 +87,7 @@ class ProcessStream:
         self._conn = Connection(parent.detach())
         self._pending: PendingStep | None = None
         try:
-            self._conn.send((env_id, dict(env_kwargs or {}), atari, seed))
+            self._conn.send((env_id, dict(env_kwargs or {}), options, seed))
             if not self._conn.poll(START_TIMEOUT_SECONDS):
                 raise StreamError(f"the stream process did not start within "
                                   f"{START_TIMEOUT_SECONDS:.0f} s")
@@ -191,8 +191,8 @@ def serve(conn: Connection) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        env_id, kwargs, atari, seed = conn.recv()
-        stream = make_stream(env_id, kwargs, seed=seed, atari=atari)
+        env_id, kwargs, options, seed = conn.recv()
+        stream = make_stream(env_id, kwargs, seed=seed, options=options)
     except EOFError:
         return 0
     except Exception as exc:  # noqa: BLE001 - reported to the daemon, which says it once

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import gymnasium as gym
 import numpy as np
 
-from runtime.contract import ALE_KWARGS_SET_BY_OPTIONS, AtariOptions, StreamError
+from runtime.contract import ALE_KWARGS_SET_BY_OPTIONS, StreamError, StreamOptions
 from runtime.errors import first_line
 
 _ATARI_ENTRY_POINT = "ale_py.env:AtariEnv"
@@ -36,11 +36,12 @@ class StreamSpec:
     action_meanings: tuple[str, ...]
     frame_stack: int  # 1 for non-image streams
     frame_skip: int  # 1 for non-Atari
+    time_feature: bool = False  # the observation's last entry is the episode's clock
 
 
 class EnvSettings(Protocol):
     """The config's env section, as the stream factory reads it: the id, the kwargs and
-    every AtariOptions field, by attribute name (so this module needs none of the learner
+    every StreamOptions field, by attribute name (so this module needs none of the learner
     side's config code)."""
 
     id: str
@@ -170,10 +171,26 @@ def _qualified(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-class GymStream:
-    """Adapter for any gymnasium env with a Discrete action space."""
+def _time_limit(env: gym.Env) -> gym.wrappers.TimeLimit | None:
+    """The TimeLimit wrapper gymnasium.make put around the env, if any."""
+    layer = env
+    while isinstance(layer, gym.Wrapper):
+        if isinstance(layer, gym.wrappers.TimeLimit):
+            return layer
+        layer = layer.env
+    return None
 
-    def __init__(self, env: gym.Env, *, seed: int = 0) -> None:
+
+class GymStream:
+    """Adapter for any gymnasium env with a Discrete action space.
+
+    With the time feature, each observation ends with the elapsed fraction of the episode's
+    time limit, shifted to [-0.5, 0.5] and counted after the step that made it: the learner
+    can then tell a state near the limit, whose future is short, from the same state early
+    on. It is read from the TimeLimit wrapper's own counter, which checkpoints keep."""
+
+    def __init__(self, env: gym.Env, *, seed: int = 0,
+                 time_feature: bool | str = False) -> None:
         act_space = env.action_space
         if not isinstance(act_space, gym.spaces.Discrete):
             env.close()
@@ -192,12 +209,26 @@ class GymStream:
         else:
             env.close()
             raise StreamError(f"observation space {obs_space} unsupported (Box or Discrete only)")
+        self._clock = _time_limit(env)
+        if self._clock is None or dtype != "float32" or len(shape) != 1:
+            if time_feature is True:
+                env.close()
+                raise StreamError("time_feature: only a stream of float vectors under a time "
+                                  f"limit takes one, not {dtype} {shape} "
+                                  f"{'with' if self._clock else 'without'} a limit",
+                                  "time_feature")
+            self._clock = None
+        elif time_feature is False:
+            self._clock = None
+        else:
+            shape = (shape[0] + 1,)
         self._env = env
         self._dtype = np.dtype(dtype)
         self._action_start = int(act_space.start)
         self._seed: int | None = seed  # consumed by the first reset only
         n = int(act_space.n)
-        self.spec = StreamSpec(shape, dtype, n, tuple(str(a) for a in range(n)), 1, 1)
+        self.spec = StreamSpec(shape, dtype, n, tuple(str(a) for a in range(n)), 1, 1,
+                               time_feature=self._clock is not None)
         self.renders_frames = env.render_mode == "rgb_array"  # render_rgb() gives frames
         self._layers = self._state_layers()
         self.state_unavailable: str | None = None if isinstance(self._layers, list) \
@@ -220,11 +251,18 @@ class GymStream:
 
     def _convert(self, obs: Any) -> np.ndarray:
         if self._one_hot:
-            out = np.zeros(self._one_hot, dtype=np.float32)
+            out = np.zeros(self._one_hot + (self._clock is not None), dtype=np.float32)
             out[int(obs) - self._obs_start] = 1.0
-            return out
-        # np.array (not asarray) so the caller always owns a fresh array.
-        return np.array(obs, dtype=self._dtype)
+        elif self._clock is None:
+            # np.array (not asarray) so the caller always owns a fresh array.
+            return np.array(obs, dtype=self._dtype)
+        else:
+            out = np.empty(self.spec.observation_shape, dtype=np.float32)
+            out[:-1] = obs
+        if self._clock is not None:
+            clock = self._clock
+            out[-1] = clock._elapsed_steps / clock._max_episode_steps - 0.5
+        return out
 
     def reset(self) -> np.ndarray:
         """Start a new episode; only the first call seeds the env."""
@@ -288,7 +326,7 @@ class AtariStream:
     frame, which roughly halves the cost of a step.
     """
 
-    def __init__(self, env: gym.Env, opts: AtariOptions, *, seed: int = 0) -> None:
+    def __init__(self, env: gym.Env, opts: StreamOptions, *, seed: int = 0) -> None:
         self._env = env
         self._opts = opts
         unwrapped = env.unwrapped
@@ -512,11 +550,12 @@ def make_stream(
     env_kwargs: dict | None = None,
     *,
     seed: int = 0,
-    atari: AtariOptions | None = None,
+    options: StreamOptions | None = None,
 ) -> Stream:
     """Create the stream for ``env_id``; ALE ids get Atari preprocessing.
 
-    ``atari`` is used only for ALE ids (defaults to ``AtariOptions()``).
+    ``options`` (default ``StreamOptions()``): the Atari ones are used only for ALE ids,
+    the time feature only for the others.
     ``env_kwargs`` are passed to ``gym.make``; for Atari they override the
     defaults chosen here, except the ones an option sets
     (``runtime.contract.ALE_KWARGS_SET_BY_OPTIONS``: ``frameskip``, as the stream does
@@ -524,12 +563,16 @@ def make_stream(
     """
     user_kwargs = dict(env_kwargs or {})
     spec = _lookup_spec(env_id)
+    opts = options if options is not None else StreamOptions()
     if not _is_atari(spec):
-        return GymStream(_make_env(env_id, user_kwargs, bool(user_kwargs)), seed=seed)
-    opts = atari if atari is not None else AtariOptions()
+        return GymStream(_make_env(env_id, user_kwargs, bool(user_kwargs)), seed=seed,
+                         time_feature=opts.time_feature)
+    if opts.time_feature is True:
+        raise StreamError("time_feature: an Atari stream gives frames, which take no time "
+                          "feature", "time_feature")
     for kwarg, option in ALE_KWARGS_SET_BY_OPTIONS.items():
         if kwarg in user_kwargs:
-            raise StreamError(f"set the Atari {option} via AtariOptions.{option}, not "
+            raise StreamError(f"set the Atari {option} via StreamOptions.{option}, not "
                               f"{kwarg!r}", "kwargs")
     kwargs: dict[str, Any] = {
         "frameskip": 1,
@@ -554,5 +597,6 @@ def open_stream(env: EnvSettings, seed: int, *, own_process: bool = False) -> St
     if own_process:
         from runtime.sensor_process import ProcessStream  # it imports this module
 
-        return ProcessStream(env.id, dict(env.kwargs), seed=seed, atari=AtariOptions.of(env))
-    return make_stream(env.id, dict(env.kwargs), seed=seed, atari=AtariOptions.of(env))
+        return ProcessStream(env.id, dict(env.kwargs), seed=seed,
+                             options=StreamOptions.of(env))
+    return make_stream(env.id, dict(env.kwargs), seed=seed, options=StreamOptions.of(env))

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from runtime.contract import OPTION_NAMES, AtariOptions, StreamError
+from runtime.contract import OPTION_NAMES, REQUIRED_OPTION_NAMES, StreamError, StreamOptions
 from runtime.daemon.config import EnvConfig, load_config
 from runtime.daemon.export import build_metadata
 from runtime.follow import STREAM_KEYS
@@ -45,11 +45,17 @@ def test_exporter_writes_what_it_wrote_before() -> None:
                                 "env.kwargs={mode: 4, difficulty: 1}", "env.frame_stack=3",
                                 "env.frame_skip=3", "env.screen_size=64", "env.noop_max=12"])
     spec = StreamSpec((3, 64, 64), "uint8", 4, MEANINGS, 3, 3)
-    assert build_metadata(custom, spec, 60, "seed", "tools/export_onnx.py") == OLD_BREAKOUT
+    # ... and, since the time feature was added, what the stream made of `auto`.
+    assert build_metadata(custom, spec, 60, "seed", "tools/export_onnx.py") == {
+        **OLD_BREAKOUT, "time_feature": "false"}
     # A non-Atari stream: frame_stack and frame_skip as played (1), the rest as configured.
     cartpole = load_config(None, ["env.id=CartPole-v1"])
     spec = StreamSpec((4,), "float32", 2, ("0", "1"), 1, 1)
-    assert build_metadata(cartpole, spec, 300, "mlp", "runtime.daemon") == OLD_CARTPOLE
+    assert build_metadata(cartpole, spec, 300, "mlp", "runtime.daemon") == {
+        **OLD_CARTPOLE, "time_feature": "false"}
+    timed = StreamSpec((5,), "float32", 2, ("0", "1"), 1, 1, time_feature=True)
+    written = build_metadata(cartpole, timed, 300, "mlp", "runtime.daemon")
+    assert written["time_feature"] == "true" and parse_metadata(written)["time_feature"] is True
 
 
 def test_old_metadata_reads_back_with_its_types() -> None:
@@ -57,7 +63,8 @@ def test_old_metadata_reads_back_with_its_types() -> None:
     assert meta["observation_shape"] == (3, 64, 64) and meta["action_meanings"] == MEANINGS
     options = {name: meta[name] for name in OPTION_NAMES}
     assert options == {"frame_skip": 3, "screen_size": 64, "frame_stack": 3, "noop_max": 12,
-                       "terminal_on_life_loss": False, "repeat_action_probability": 0.25}
+                       "terminal_on_life_loss": False, "repeat_action_probability": 0.25,
+                       "time_feature": False}  # policies from before it had none
     assert type(meta["repeat_action_probability"]) is float
     assert type(meta["terminal_on_life_loss"]) is bool
     assert meta["env_kwargs"] == {"difficulty": 1, "mode": 4}
@@ -67,7 +74,8 @@ def test_old_metadata_reads_back_with_its_types() -> None:
 BAD_OPTION_VALUES = {"frame_skip": ["0", "4.0", "x"], "screen_size": ["7", "211"],
                      "frame_stack": ["0", "true"], "noop_max": ["-1", "null"],
                      "terminal_on_life_loss": ["1", "True"],
-                     "repeat_action_probability": ["1.0", "-0.1", '"0.1"']}
+                     "repeat_action_probability": ["1.0", "-0.1", '"0.1"'],
+                     "time_feature": ["1", '"yes"', "null"]}
 
 
 def test_every_option_is_checked() -> None:
@@ -84,14 +92,15 @@ def test_bad_option_metadata_is_refused_naming_the_key(key: str, value: str) -> 
 
 
 def test_options_round_trip_and_refuse_bad_values() -> None:
-    options = AtariOptions(frame_skip=2, screen_size=96, frame_stack=1, noop_max=0,
-                           terminal_on_life_loss=False, repeat_action_probability=0.5)
-    assert AtariOptions.from_metadata(options.to_metadata()) == options
-    plain = AtariOptions(frame_skip=np.int64(2), repeat_action_probability=0)
+    options = StreamOptions(frame_skip=2, screen_size=96, frame_stack=1, noop_max=0,
+                            terminal_on_life_loss=False, repeat_action_probability=0.5,
+                            time_feature=True)
+    assert StreamOptions.from_metadata(options.to_metadata()) == options
+    plain = StreamOptions(frame_skip=np.int64(2), repeat_action_probability=0)
     assert type(plain.frame_skip) is int and type(plain.repeat_action_probability) is float
-    assert AtariOptions.from_metadata(plain.to_metadata()) == plain
+    assert StreamOptions.from_metadata(plain.to_metadata()) == plain
     with pytest.raises(StreamError, match="screen_size: must be in") as err:
-        AtariOptions(screen_size=4)
+        StreamOptions(screen_size=4)
     assert err.value.key == "screen_size"
 
 
@@ -99,9 +108,10 @@ def test_one_list_of_options_everywhere() -> None:
     """The config section, the metadata reader and the follower take the contract's list."""
     config_fields = [f.name for f in dataclasses.fields(EnvConfig)]
     assert config_fields == ["id", "kwargs", *OPTION_NAMES]  # as config.yaml lists them
-    assert set(OPTION_NAMES) <= set(REQUIRED_KEYS) and set(OPTION_NAMES) <= set(STREAM_KEYS)
-    assert dataclasses.asdict(AtariOptions.of(EnvConfig())) == dataclasses.asdict(
-        AtariOptions())
+    assert set(REQUIRED_OPTION_NAMES) <= set(REQUIRED_KEYS)
+    assert set(OPTION_NAMES) <= set(STREAM_KEYS)
+    assert dataclasses.asdict(StreamOptions.of(EnvConfig())) == dataclasses.asdict(
+        StreamOptions())
 
 
 def test_contract_imports_the_standard_library_only() -> None:

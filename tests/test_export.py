@@ -326,3 +326,27 @@ def test_record_writes_one_video_per_game(breakout: dict, tmp_path: Path) -> Non
     videos = json.loads(done.stdout)["videos"]
     assert videos == [str(tmp_path / "videos" / "game-0000.mp4")]
     assert Path(videos[0]).stat().st_size > 1000
+
+
+def test_a_time_feature_run_exports_and_plays_with_its_clock(tmp_path: Path) -> None:
+    """The time feature is part of the deploy contract: the device rebuilds the observation
+    with the clock from the policy's metadata alone."""
+    ckpt = _train(tmp_path / "run", 250, "--set", "env.id=MountainCar-v0",
+                  "--set", "env.time_feature=auto")
+    out = tmp_path / "timed.onnx"
+    done = _export("--checkpoint", str(ckpt), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    policy = Policy.load(out)
+    assert policy.observation_shape == (3,) and policy.metadata["time_feature"] is True
+    stream = make_stream_from_metadata(policy.metadata, seed=1)
+    assert stream.spec.observation_shape == (3,) and stream.reset()[-1] == -0.5
+    diff, ours, ref = _parity(out, ckpt, seed=4)
+    assert diff <= 1e-4 and (ours == ref).all()
+    played = cli("runtime.infer", "--model", str(out), "--max-steps", "250")
+    assert played.returncode == 0, played.stderr
+    assert json.loads(played.stdout)["games"] == 1  # the 200-step limit ended one game
+    # Without the clock the same stream does not fit the model: refused, one line.
+    refused = cli("runtime.daemon", "--config", "config.yaml", "--run-dir",
+                  str(tmp_path / "run"), "--max-steps", "300", "--set", "env.id=MountainCar-v0")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "observation_shape is [3] there, [2] here" in refused.stderr.strip().splitlines()[-1]

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from runtime.streams import (
-    AtariOptions,
     AtariStream,
     GymStream,
     Stream,
     StreamError,
+    StreamOptions,
     area_resize_weights,
     make_stream,
 )
@@ -142,8 +142,8 @@ def test_reset_after_life_loss_keeps_stack_continuous() -> None:
 
 
 def test_life_loss_not_terminal_when_disabled() -> None:
-    opts = AtariOptions(terminal_on_life_loss=False)
-    stream = make_stream(BREAKOUT, seed=4, atari=opts)
+    opts = StreamOptions(terminal_on_life_loss=False)
+    stream = make_stream(BREAKOUT, seed=4, options=opts)
     ends = _play_until_game_over(stream, np.random.default_rng(4), max_steps=8000)
     assert len(ends) == 1 and ends[0]["game_over"] and ends[0]["terminated"]
 
@@ -151,8 +151,8 @@ def test_life_loss_not_terminal_when_disabled() -> None:
 def test_truncation_is_game_over() -> None:
     for kwargs in ({"max_num_frames_per_episode": 400}, {"max_episode_steps": 400}):
         # Life losses would end learning episodes first; only truncation here.
-        opts = AtariOptions(terminal_on_life_loss=False)
-        stream = make_stream(BREAKOUT, kwargs, seed=0, atari=opts)
+        opts = StreamOptions(terminal_on_life_loss=False)
+        stream = make_stream(BREAKOUT, kwargs, seed=0, options=opts)
         stream.reset()
         for _ in range(200):
             _, _, terminated, truncated, info = stream.step(1)
@@ -226,7 +226,7 @@ def test_bad_kwargs_and_spaces_raise_stream_error() -> None:
     with pytest.raises(StreamError, match="frame_skip"):
         make_stream(BREAKOUT, {"frameskip": 4})
     with pytest.raises(StreamError):
-        AtariOptions(frame_skip=0)
+        StreamOptions(frame_skip=0)
 
 
 def test_streams_module_does_not_import_torch(tmp_path: pathlib.Path) -> None:
@@ -298,20 +298,20 @@ def _play_to(stream: Stream, rng: np.random.Generator, steps: int,
 
 
 @pytest.mark.parametrize(("options", "steps", "at_life_loss"), [
-    (AtariOptions(repeat_action_probability=0.25), 700, False),
-    (AtariOptions(), 300, True),
-    (AtariOptions(frame_stack=2, terminal_on_life_loss=False, noop_max=5), 900, False),
+    (StreamOptions(repeat_action_probability=0.25), 700, False),
+    (StreamOptions(), 300, True),
+    (StreamOptions(frame_stack=2, terminal_on_life_loss=False, noop_max=5), 900, False),
 ], ids=["sticky-mid-game", "at-a-pending-life-loss", "stack-2-whole-games"])
 def test_atari_stream_restored_from_its_state_goes_on_identically(
-        options: AtariOptions, steps: int, at_life_loss: bool) -> None:
+        options: StreamOptions, steps: int, at_life_loss: bool) -> None:
     rng = np.random.default_rng(4)
-    original = make_stream(BREAKOUT, seed=4, atari=options)
+    original = make_stream(BREAKOUT, seed=4, options=options)
     _play_to(original, rng, steps, stop_on_life_loss=at_life_loss)
     assert original._life_lost_pending == at_life_loss
     state = _through_a_checkpoint(original.state_dict())
     actions = rng.integers(4, size=2500)
     expected = _trajectory(original, actions)
-    restored = make_stream(BREAKOUT, seed=99, atari=options)  # another seed: state wins
+    restored = make_stream(BREAKOUT, seed=99, options=options)  # another seed: state wins
     restored.load_state_dict(state)
     assert _trajectory(restored, actions) == expected
     assert sum(len(t) > 1 and t[4] for t in expected) >= 2  # whole new games were started
@@ -336,6 +336,50 @@ def test_gym_stream_restored_from_its_state_goes_on_identically(env_id: str, kwa
     assert sum(len(t) == 1 for t in expected) >= resets  # new episodes from the restored RNG
 
 
+def test_time_feature_is_the_elapsed_fraction_of_the_time_limit() -> None:
+    plain = make_stream("MountainCar-v0", seed=3, options=StreamOptions(time_feature=False))
+    timed = make_stream("MountainCar-v0", seed=3, options=StreamOptions(time_feature=True))
+    assert (plain.spec.observation_shape, timed.spec.observation_shape) == ((2,), (3,))
+    assert timed.spec.time_feature and not plain.spec.time_feature
+    first = timed.reset()
+    assert np.array_equal(first[:-1], plain.reset()) and first[-1] == -0.5
+    for elapsed in range(1, 201):  # the registered limit is 200 steps
+        obs, _, terminated, truncated, _ = timed.step(elapsed % 3)
+        assert np.array_equal(obs[:-1], plain.step(elapsed % 3)[0])
+        assert obs[-1] == np.float32(elapsed / 200 - 0.5) and obs.dtype == np.float32
+    assert truncated and not terminated and obs[-1] == 0.5
+    assert timed.reset()[-1] == -0.5
+    # A one-hot observation takes it too; auto adds it where it can, and only there.
+    lake = make_stream("FrozenLake-v1", options=StreamOptions(time_feature="auto"))
+    assert lake.spec.observation_shape == (17,) and lake.reset()[-1] == -0.5
+    assert not make_stream(BREAKOUT, options=StreamOptions(time_feature="auto")).spec.time_feature
+    unlimited = make_stream("CliffWalking-v1", options=StreamOptions(time_feature="auto"))
+    assert unlimited.spec.observation_shape == (48,)  # registered without a time limit
+
+
+def test_time_feature_is_refused_where_there_is_no_clock_to_read() -> None:
+    for env_id, kwargs, why in [(BREAKOUT, {}, "frames"),
+                                ("CliffWalking-v1", {}, "without a limit")]:
+        with pytest.raises(StreamError, match=why) as err:
+            make_stream(env_id, kwargs, options=StreamOptions(time_feature=True))
+        assert err.value.key == "time_feature"
+    with pytest.raises(StreamError, match="time_feature: must be bool or auto"):
+        StreamOptions(time_feature="yes")
+
+
+def test_time_feature_goes_on_from_a_restored_state() -> None:
+    options = StreamOptions(time_feature=True)
+    rng = np.random.default_rng(2)
+    original = make_stream("Acrobot-v1", seed=2, options=options)
+    _play_to(original, rng, 120)
+    state = _through_a_checkpoint(original.state_dict())
+    actions = rng.integers(3, size=600)
+    expected = _trajectory(original, actions)
+    restored = make_stream("Acrobot-v1", seed=5, options=options)
+    restored.load_state_dict(state)
+    assert _trajectory(restored, actions) == expected
+
+
 def test_stream_state_is_refused_by_another_stream_and_unknown_envs_say_why() -> None:
     cartpole = make_stream("CartPole-v1", seed=0)
     cartpole.reset()
@@ -346,7 +390,7 @@ def test_stream_state_is_refused_by_another_stream_and_unknown_envs_say_why() ->
     with pytest.raises(StreamError, match="not one of"):
         make_stream("ALE/Pong-v5").load_state_dict(breakout.state_dict())
     with pytest.raises(StreamError, match="not one of"):
-        make_stream(BREAKOUT, atari=AtariOptions(frame_stack=2)).load_state_dict(
+        make_stream(BREAKOUT, options=StreamOptions(frame_stack=2)).load_state_dict(
             breakout.state_dict())
     import tests.faulty_env  # noqa: F401  (registers FaultyCartPole-v0)
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from agent.config import AgentConfig, at_least, option, within
-from runtime.contract import ALE_KWARGS_SET_BY_OPTIONS, AtariOptions
+from runtime.contract import ALE_KWARGS_SET_BY_OPTIONS, StreamOptions
 
 
 class ConfigError(ValueError):
@@ -31,11 +31,11 @@ class _EnvSource:
 # Dataclasses gather fields from the last base first: id and kwargs, then the options, the
 # order config.yaml lists them in (and the resolved config a run writes).
 @dataclasses.dataclass(frozen=True)
-class EnvConfig(AtariOptions, _EnvSource):
-    """The sensor stream: an environment id, its gymnasium.make arguments and the Atari
-    preprocessing options, which are declared, documented and checked once in
-    runtime.contract.AtariOptions (the exporter and the device read them from there too).
-    """
+class EnvConfig(StreamOptions, _EnvSource):
+    """The sensor stream: an environment id, its gymnasium.make arguments and the stream
+    options (Atari preprocessing, the time feature), which are declared, documented and
+    checked once in runtime.contract.StreamOptions (the exporter and the device read them
+    from there too)."""
 
     def problems(self) -> list[tuple[str, str]]:
         """Keyword arguments that would fight the stream's own settings."""

@@ -29,7 +29,7 @@ import torch
 
 from agent.learner import A2CLearner
 from agent.networks import build_network
-from runtime.contract import INPUT_NAME, OUTPUTS, POLICY_FORMAT_VERSION, AtariOptions
+from runtime.contract import INPUT_NAME, OUTPUTS, POLICY_FORMAT_VERSION, StreamOptions
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
 from runtime.daemon.config import Config, ConfigError, from_dict
 from runtime.errors import first_line
@@ -149,9 +149,10 @@ def build_metadata(config: Config, spec: Any, training_step: int, network: str,
     """The ONNX metadata_props (string -> string) that runtime.infer reads back."""
     env = config.env
     # frame_stack and frame_skip as the stream plays them: 1 and 1 for a non-Atari stream
-    # (which ignores the options), so that runtime.follow compares like with like.
-    options = dataclasses.replace(AtariOptions.of(env), frame_stack=spec.frame_stack,
-                                  frame_skip=spec.frame_skip)
+    # (which ignores the options), so that runtime.follow compares like with like; the time
+    # feature as auto resolved it.
+    options = dataclasses.replace(StreamOptions.of(env), frame_stack=spec.frame_stack,
+                                  frame_skip=spec.frame_skip, time_feature=spec.time_feature)
     return {
         "format_version": POLICY_FORMAT_VERSION,
         "env_id": env.id,
