@@ -12,18 +12,20 @@ preprocessing) so machine noise hits all alike:
                 forwards, two backward passes, ObGD with per-parameter Python loops and .item()
   daemon-stream ActingLoop + A2CLearner with config.yaml on the stream net (ObGD)
   daemon-default  the default config.yaml as it is (ObGD over the shared trunk of the network
-                `auto` picks for frames)
-  daemon-default-reuse  the same with agent.reuse_next_pass: true (one forward pass per step:
+                `auto` picks for frames; run.overlap_stream and run.stream_process auto)
+  daemon-default-plain  the default with agent.reuse_next_pass, run.overlap_stream and
+                run.stream_process all false: the loop without any of the three
+  daemon-default-reuse  plain, with agent.reuse_next_pass: true (one forward pass per step:
                 the pass on s' keeps its graph for the next action and update)
   daemon-default-onednn-off  the default with run.onednn: off (torch's own convolutions)
   daemon-default-channels-last  the default with the network's input in channels-last format
-  *-overlap     the same daemon loops with run.overlap_stream: true (the stream steps on a
-                second thread during the update; the acting policy lags by one update)
-  daemon-default-process  the default with run.stream_process: true (the stream in its own
+  *-overlap     the same daemon loops with run.overlap_stream: true on a thread (the stream
+                steps during the update; the acting policy lags by one update)
+  daemon-default-process  plain, with run.stream_process: true (the stream in its own
                 process: only the hand-over added)
   daemon-default-process-overlap  ... and run.overlap_stream: true (the stream process steps
                 during the update)
-  daemon-default-all  the default with reuse_next_pass, stream_process and overlap_stream
+  daemon-default-all  plain, with reuse_next_pass, stream_process and overlap_stream
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
   learner-*     the learner alone on recorded frames, no emulator: the ceiling of any loop
 Prints one JSON object: steps/s per variant (median, min, max over blocks) and the ratios
@@ -59,14 +61,14 @@ def daemon_loop(config_path: Path, overrides: tuple[str, ...] = (),
     """The exact code path the daemon runs per step; `channels_last` hands the network
     its input in channels-last memory format (the layers' outputs follow it)."""
     config = load_config(config_path, list(overrides))
-    stream = open_stream(config.env, config.seed, own_process=config.run.stream_process)
+    stream = open_stream(config.env, config.seed, own_process=config.stream_in_own_process())
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
     if channels_last:
         preprocess = learner.net.preprocess
         contiguous_forward = preprocess.forward
         preprocess.forward = lambda obs: contiguous_forward(obs).contiguous(  # type: ignore[method-assign]
             memory_format=torch.channels_last)
-    loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
+    loop = ActingLoop(learner, stream, Counters(), overlap=config.overlaps_stream())
 
     def step() -> None:
         configure_torch(config, learner.network_name)  # as the daemon sets it (~1 us)
@@ -214,28 +216,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_preset, default = ROOT / "presets" / "seed.yaml", ROOT / "config.yaml"
-    overlap, threads = ("run.overlap_stream=true",), ("run.torch_threads=2",)
+    # Each variant sets all three of reuse, overlap and process: `auto` would pick for it.
+    plain = ("agent.reuse_next_pass=false", "run.overlap_stream=false",
+             "run.stream_process=false")
+    overlap, threads = ("run.overlap_stream=true", "run.stream_process=false"), \
+        ("run.torch_threads=2",)
     process, reuse = ("run.stream_process=true",), ("agent.reuse_next_pass=true",)
     stream_net = ("agent.network=stream",)
     makers: dict[str, Callable[[], Step]] = {
         "seed-loop": lambda: _baseline(seed_loop(), args.threads),
-        "daemon-seed": lambda: daemon_loop(seed_preset),
-        "daemon-seed-overlap": lambda: daemon_loop(seed_preset, overlap),
-        "daemon-seed-2threads": lambda: daemon_loop(seed_preset, threads),
+        "daemon-seed": lambda: daemon_loop(seed_preset, plain),
+        "daemon-seed-overlap": lambda: daemon_loop(seed_preset, plain + overlap),
+        "daemon-seed-2threads": lambda: daemon_loop(seed_preset, plain + threads),
         "learner-seed": lambda: learner_only(seed_preset),
         "streamx-loop": lambda: _baseline(streamx_loop(), args.threads),
-        "daemon-stream": lambda: daemon_loop(default, stream_net),
-        "daemon-stream-overlap": lambda: daemon_loop(default, stream_net + overlap),
-        "daemon-stream-2threads": lambda: daemon_loop(default, stream_net + threads),
+        "daemon-stream": lambda: daemon_loop(default, plain + stream_net),
+        "daemon-stream-overlap": lambda: daemon_loop(default, plain + stream_net + overlap),
+        "daemon-stream-2threads": lambda: daemon_loop(default, plain + stream_net + threads),
         "learner-stream": lambda: learner_only(default, stream_net),
         "daemon-default": lambda: daemon_loop(default),
-        "daemon-default-reuse": lambda: daemon_loop(default, reuse),
+        "daemon-default-plain": lambda: daemon_loop(default, plain),
+        "daemon-default-reuse": lambda: daemon_loop(default, plain + reuse),
         "daemon-default-onednn-off": lambda: daemon_loop(default, ("run.onednn=off",)),
         "daemon-default-channels-last": lambda: daemon_loop(default, channels_last=True),
-        "daemon-default-overlap": lambda: daemon_loop(default, overlap),
-        "daemon-default-process": lambda: daemon_loop(default, process),
-        "daemon-default-process-overlap": lambda: daemon_loop(default, process + overlap),
-        "daemon-default-all": lambda: daemon_loop(default, reuse + process + overlap)}
+        "daemon-default-overlap": lambda: daemon_loop(default, plain + overlap),
+        "daemon-default-process": lambda: daemon_loop(default, plain + process),
+        "daemon-default-process-overlap": lambda: daemon_loop(
+            default, plain + process + ("run.overlap_stream=true",)),
+        "daemon-default-all": lambda: daemon_loop(
+            default, reuse + process + ("run.overlap_stream=true",))}
     unknown = set(args.only or ()) - set(makers)
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)} (known: {', '.join(makers)})")
@@ -268,19 +277,20 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_2threads_over_daemon (stream net)": ratio("daemon-stream-2threads",
                                                          "daemon-stream"),
         "ratio_learner_alone_over_seed_loop (shared-conv net)": ratio("learner-seed", "seed-loop"),
-        "ratio_reuse_next_pass_over_daemon (default)": ratio("daemon-default-reuse",
-                                                             "daemon-default"),
+        "ratio_default_over_plain (default)": ratio("daemon-default", "daemon-default-plain"),
+        "ratio_reuse_next_pass_over_plain (default)": ratio("daemon-default-reuse",
+                                                            "daemon-default-plain"),
         "ratio_onednn_off_over_daemon (default)": ratio("daemon-default-onednn-off",
                                                         "daemon-default"),
         "ratio_channels_last_over_daemon (default)": ratio("daemon-default-channels-last",
                                                            "daemon-default"),
-        "ratio_overlap_over_daemon (default)": ratio("daemon-default-overlap",
-                                                     "daemon-default"),
-        "ratio_stream_process_over_daemon (default)": ratio("daemon-default-process",
-                                                            "daemon-default"),
-        "ratio_stream_process_overlap_over_daemon (default)": ratio(
-            "daemon-default-process-overlap", "daemon-default"),
-        "ratio_all_over_daemon (default)": ratio("daemon-default-all", "daemon-default"),
+        "ratio_overlap_over_plain (default)": ratio("daemon-default-overlap",
+                                                    "daemon-default-plain"),
+        "ratio_stream_process_over_plain (default)": ratio("daemon-default-process",
+                                                           "daemon-default-plain"),
+        "ratio_stream_process_overlap_over_plain (default)": ratio(
+            "daemon-default-process-overlap", "daemon-default-plain"),
+        "ratio_all_over_plain (default)": ratio("daemon-default-all", "daemon-default-plain"),
     }, indent=1))
     return 0
 
