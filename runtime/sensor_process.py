@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -45,17 +46,21 @@ START_TIMEOUT_SECONDS = 120.0  # creating an emulator imports gymnasium and ale_
 
 
 class PendingStep:
-    """A step the child is computing; `result()` waits for it (once, then remembers)."""
+    """A step the child is computing; `result()` waits for it (once, then remembers).
+    `ready_ns`, once collected: when the child had the result, on time.perf_counter_ns's
+    clock (CLOCK_MONOTONIC on Linux, one clock for all processes), so a caller can tell
+    how long a reading waited for it."""
 
     def __init__(self, stream: ProcessStream) -> None:
         self._stream = stream
         self._outcome: tuple[np.ndarray, float, bool, bool, dict] | None = None
         self._failure: StreamError | None = None
+        self.ready_ns: int | None = None
 
     def result(self) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self._outcome is None and self._failure is None:
             try:
-                self._outcome = self._stream._reply()
+                self._outcome, self.ready_ns = self._stream._reply()
             except StreamError as exc:
                 self._failure = exc
             finally:
@@ -100,6 +105,11 @@ class ProcessStream:
         self.state_unavailable: str | None = ready["state_unavailable"]
 
     # -- the Stream protocol, each call one request and one reply ------------------------
+
+    @property
+    def pid(self) -> int:
+        """The stream process's id."""
+        return self._process.pid
 
     def reset(self) -> np.ndarray:
         return self._call("reset")
@@ -212,7 +222,10 @@ def serve(conn: Connection) -> int:
                 conn.send(("error", (f"unknown stream operation {operation!r}", "id")))
                 continue
             try:
-                conn.send(("ok", getattr(stream, operation)(*args)))
+                value = getattr(stream, operation)(*args)
+                if operation == "step":
+                    value = (value, time.perf_counter_ns())  # PendingStep.ready_ns
+                conn.send(("ok", value))
             except Exception as exc:  # noqa: BLE001 - the daemon decides what a failure means
                 conn.send(_failure(exc))
     except (BrokenPipeError, ConnectionResetError):

@@ -183,3 +183,28 @@ def test_auto_overlaps_and_moves_out_only_atari_streams_that_gain(
     assert config.overlaps_stream() is expected_overlap
     expected_process = own_process if own_process is not None else expected_overlap
     assert config.stream_in_own_process() is expected_process
+
+
+def test_a_step_says_when_the_child_had_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """PendingStep.ready_ns is on this process's perf_counter clock: a reading collected
+    late shows how long it waited, which tools/bench_latency.py counts as latency."""
+    import time
+
+    from tools import bench_latency
+
+    stream = ProcessStream("CartPole-v1", seed=0)
+    try:
+        stream.reset()
+        sent = time.perf_counter_ns()
+        pending = stream.submit(0)
+        time.sleep(0.05)
+        pending.result()
+        assert pending.ready_ns is not None
+        assert sent < pending.ready_ns < time.perf_counter_ns() - 40_000_000
+    finally:
+        stream.close()
+    assert bench_latency.main(["--steps", "40", "--warmup", "5",
+                               "--set", "agent.reuse_next_pass=true"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["stream_process_cpu_ms_per_step"] > 0
+    assert 0 < figures["decision_latency_us"]["p50"] <= figures["decision_latency_us"]["max"]
