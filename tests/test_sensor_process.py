@@ -156,35 +156,6 @@ def test_sigterm_to_the_whole_process_group_then_restart_is_bit_identical(
     assert_same_run_state(checkpoint_at(tmp_path / "run", steps),
                           checkpoint_at(tmp_path / "reference", steps))
     assert records(tmp_path / "run") == records(tmp_path / "reference")
-
-
-@pytest.mark.parametrize(("env_id", "sets", "overlapped", "own_process"), [
-    ("ALE/Breakout-v5", [], None, None),  # as the defaults resolve for frames
-    ("ALE/Breakout-v5", ["agent.reuse_next_pass=true"], True, True),
-    ("ALE/Breakout-v5", ["agent.reuse_next_pass=false"], False, False),
-    ("CartPole-v1", ["agent.reuse_next_pass=true"], False, False),
-    ("ALE/Breakout-v5", ["run.overlap_stream=true"], True, True),
-    ("CartPole-v1", ["run.overlap_stream=true"], True, False),
-    ("ALE/Breakout-v5", ["agent.reuse_next_pass=true", "run.stream_process=false"], True,
-     False),
-    ("ALE/Breakout-v5", ["run.stream_process=true"], None, True),
-])
-def test_auto_overlaps_and_moves_out_only_atari_streams_that_gain(
-        env_id: str, sets: list[str], overlapped: bool | None,
-        own_process: bool | None) -> None:
-    """`auto` overlaps an Atari stream only with reuse_next_pass (whose actions and updates
-    the overlap leaves as they are) and gives it its own process only overlapped (the
-    hand-over pays only then); a small control task's step costs less than a hand-over."""
-    from runtime.daemon.config import load_config
-
-    config = load_config(ROOT / "config.yaml", [f"env.id={env_id}", *sets])
-    reuse = config.agent.reuse_next_pass
-    expected_overlap = overlapped if overlapped is not None else reuse
-    assert config.overlaps_stream() is expected_overlap
-    expected_process = own_process if own_process is not None else expected_overlap
-    assert config.stream_in_own_process() is expected_process
-
-
 def test_a_step_says_when_the_child_had_it(capsys: pytest.CaptureFixture[str]) -> None:
     """PendingStep.ready_ns is on this process's perf_counter clock: a reading collected
     late shows how long it waited, which tools/bench_latency.py counts as latency."""
@@ -204,7 +175,8 @@ def test_a_step_says_when_the_child_had_it(capsys: pytest.CaptureFixture[str]) -
     finally:
         stream.close()
     assert bench_latency.main(["--steps", "40", "--warmup", "5",
-                               "--set", "agent.reuse_next_pass=true"]) == 0
+                               "--set", "run.stream_process=true",
+                               "--set", "run.overlap_stream=true"]) == 0
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["stream_process_cpu_ms_per_step"] > 0
     assert 0 < figures["decision_latency_us"]["p50"] <= figures["decision_latency_us"]["max"]

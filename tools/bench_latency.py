@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     config = load_config(ROOT / "config.yaml", [f"env.id={args.env}", *args.set])
-    stream = open_stream(config.env, config.seed, own_process=config.stream_in_own_process())
+    stream = open_stream(config.env, config.seed, own_process=config.run.stream_process)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions,
                          seed=config.seed)
     configure_torch(config, learner.network_name)
-    loop = ActingLoop(learner, stream, Counters(), overlap=config.overlaps_stream())
+    loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
     decisions: list[int] = []
     arrived = {"at": 0}  # when the stream last handed over an observation
     stream_step, stream_reset = stream.step, stream.reset

@@ -61,14 +61,14 @@ def daemon_loop(config_path: Path, overrides: tuple[str, ...] = (),
     """The exact code path the daemon runs per step; `channels_last` hands the network
     its input in channels-last memory format (the layers' outputs follow it)."""
     config = load_config(config_path, list(overrides))
-    stream = open_stream(config.env, config.seed, own_process=config.stream_in_own_process())
+    stream = open_stream(config.env, config.seed, own_process=config.run.stream_process)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
     if channels_last:
         preprocess = learner.net.preprocess
         contiguous_forward = preprocess.forward
         preprocess.forward = lambda obs: contiguous_forward(obs).contiguous(  # type: ignore[method-assign]
             memory_format=torch.channels_last)
-    loop = ActingLoop(learner, stream, Counters(), overlap=config.overlaps_stream())
+    loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
 
     def step() -> None:
         configure_torch(config, learner.network_name)  # as the daemon sets it (~1 us)

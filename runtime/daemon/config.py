@@ -16,7 +16,6 @@ import yaml
 
 from agent.config import AgentConfig, at_least, option, within
 from runtime.contract import ALE_KWARGS_SET_BY_OPTIONS, StreamOptions
-from runtime.streams import is_atari_id
 
 
 class ConfigError(ValueError):
@@ -66,10 +65,6 @@ class CheckpointConfig:
         return []
 
 
-def _flag_or_auto(value: Any) -> str | None:
-    return None if isinstance(value, bool) or value == "auto" else "must be true, false or auto"
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The run as a whole."""
@@ -79,19 +74,15 @@ class RunConfig:
     dir: str = option("runs/default", "Run directory (metrics, status, checkpoints).")
     torch_threads: int = option(1, "torch intra-op threads; one update is too small to "
                                 "split, so 1 is fastest.", at_least(1))
-    overlap_stream: bool | str = option(
-        "auto", "Step the stream while the learner updates (uses a second core). The "
-        "acting policy then lags the learner by one update: the action for s' is sampled "
-        "before the update on the transition into s'. auto = for Atari streams with "
-        "agent.reuse_next_pass, whose actions and updates it leaves as they are.",
-        _flag_or_auto)
-    stream_process: bool | str = option(
-        "auto", "Run the stream (emulator and preprocessing) in its own process: with "
+    overlap_stream: bool = option(
+        False, "Step the stream on a second thread while the learner updates (uses a "
+        "second core). The acting policy then lags the learner by one update: the action "
+        "for s' is sampled before the update on the transition into s'.")
+    stream_process: bool = option(
+        False, "Run the stream (emulator and preprocessing) in its own process: with "
         "overlap_stream it steps there, on another core and without the learner's GIL, "
         "while the learner updates; and an emulator crash ends that process, which is "
-        "replaced like any failed stream, not the daemon. auto = for an overlapped Atari "
-        "stream (a hand-over costs ~0.23 ms: it pays only overlapped, and only where a "
-        "step costs more than that).", _flag_or_auto)
+        "replaced like any failed stream, not the daemon.")
     onednn: str = option("auto", "auto | on | off: oneDNN (mkldnn) convolutions. auto = off "
                          "for the stream and shared-stream networks, whose small "
                          "convolutions run ~30% faster "
@@ -173,21 +164,6 @@ class Config:
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     seed: int = option(0, "Seed of the network initialisation, the actions and the stream.",
                        within(0, 2**32 - 1))
-
-    def overlaps_stream(self) -> bool:
-        """run.overlap_stream, with auto resolved for this config (StreamError if the env
-        id is unknown). On a thread the overlap is slower (the stream and the learner fight
-        over the GIL), and without reuse_next_pass it changes the actions taken."""
-        if isinstance(self.run.overlap_stream, bool):
-            return self.run.overlap_stream
-        return self.agent.reuse_next_pass and is_atari_id(self.env.id)
-
-    def stream_in_own_process(self) -> bool:
-        """run.stream_process, with auto resolved for this config (StreamError if the env
-        id is unknown)."""
-        if isinstance(self.run.stream_process, bool):
-            return self.run.stream_process
-        return self.overlaps_stream() and is_atari_id(self.env.id)
 
     def on_network(self, network: str) -> Config:
         """This config with `agent.network` set to the network a checkpoint's weights

@@ -224,7 +224,7 @@ class Daemon:
         loop = self.loop = ActingLoop(
             self.learner, self.stream, self.counters,
             rollback_on_nonfinite=cfg.faults.on_nonfinite == "rollback",
-            overlap=cfg.overlaps_stream(), resume=self.resume_state)
+            overlap=cfg.run.overlap_stream, resume=self.resume_state)
         sinks: list[RecordSink] = [MetricsLog(self.run_dir / "metrics.jsonl")]
         if self.tensorboard is not None:
             sinks.append(self.tensorboard)

@@ -38,7 +38,7 @@ class StreamSupervisor:
     def open(self, steps: int) -> Stream:
         """A new stream for a start at all-time step `steps`; raises StreamError."""
         return open_stream(self.config.env, stream_seed(self.config.seed, steps),
-                           own_process=self.config.stream_in_own_process())
+                           own_process=self.config.run.stream_process)
 
     def recover(self, fault: Exception, broken: Stream, steps: int, counts: FaultCounts,
                 attach: Callable[[Stream], None]) -> bool:
