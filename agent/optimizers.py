@@ -100,7 +100,8 @@ class ObGDRule:
         if net.shared_trunk:
             # The value side's gradient (trunk | value head, as value_flat) has a buffer of
             # its own: the policy side's lands in the network's flat gradient buffer, so
-            # both are flat with no copy (torch.cat of the two was ~10% of a Breakout step).
+            # both are flat with no copy (a torch.cat of each was about a quarter of a
+            # Breakout step on shared-stream).
             self._value_grad = torch.zeros_like(net.value_flat)
             self._value_grad_views = []
             offset = 0
