@@ -102,7 +102,7 @@ def make_stream(
         return GymStream(_make_env(env_id, user_kwargs, bool(user_kwargs)), seed=seed,
                          time_feature=opts.time_feature)
     if opts.time_feature is True:
-        raise StreamError("time_feature: an Atari stream gives frames, which take no time "
+        raise StreamError("an Atari stream gives frames, which take no time "
                           "feature", "time_feature")
     for kwarg, option in ALE_KWARGS_SET_BY_OPTIONS.items():
         if kwarg in user_kwargs:

@@ -112,7 +112,7 @@ class GymStream:
         if self._clock is None or dtype != "float32" or len(shape) != 1:
             if time_feature is True:
                 env.close()
-                raise StreamError("time_feature: only a stream of float vectors under a time "
+                raise StreamError("only a stream of float vectors under a time "
                                   f"limit takes one, not {dtype} {shape} "
                                   f"{'with' if self._clock else 'without'} a limit",
                                   "time_feature")
