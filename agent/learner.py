@@ -103,7 +103,7 @@ class A2CLearner:
         # reuse_next_pass: two copies, as the kept pass's graph is still needed while the
         # next one is made; and the weights of a kept pass read from a checkpoint.
         self._copies = (WeightCopy(self.net), WeightCopy(self.net)) \
-            if config.reuse_next_pass else ()
+            if config.reuses_next_pass(self.network_name) else ()
         self._resumed_copy: torch.Tensor | None = None
         # owns its traces and optimiser state
         self.rule = make_rule(self.net, config, self.network_name)

@@ -62,7 +62,7 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "agent.reward_transform": (st.sampled_from(["scale", "clip", "none"]), st.just("log")),
     "agent.normalize_observations": (st.booleans(), st.just("yes please")),
     "agent.max_grad_norm": (st.one_of(st.none(), st.floats(0.1, 10)), st.just(-1)),
-    "agent.reuse_next_pass": (st.booleans(), st.just("twice")),
+    "agent.reuse_next_pass": (st.one_of(st.just("auto"), st.booleans()), st.just("twice")),
     "checkpoint.every_steps": (st.one_of(st.none(), st.integers(1, 1000)), st.just(0)),
     "checkpoint.every_seconds": (st.one_of(st.none(), st.floats(1, 600)), st.just(0.5)),
     "checkpoint.keep": (st.integers(1, 4), st.just(0)),

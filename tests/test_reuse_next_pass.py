@@ -124,11 +124,25 @@ def test_a_second_act_on_the_same_observation_makes_a_fresh_pass() -> None:
     assert again is not kept and learner._here.on is None
 
 
-def test_off_by_default_and_the_learner_acts_on_the_current_weights() -> None:
-    assert AgentConfig().reuse_next_pass is False
-    learner = A2CLearner(AgentConfig(network="mlp", hidden_size=16), (4,), 2, seed=3)
+def test_auto_reuses_on_mlp_only() -> None:
+    config = AgentConfig()
+    assert config.reuse_next_pass == "auto" and config.reuses_next_pass("mlp")
+    assert not any(config.reuses_next_pass(n) for n in ("shared-stream", "shared-conv", "stream"))
+    assert not AgentConfig(reuse_next_pass=False).reuses_next_pass("mlp")
+    assert AgentConfig(reuse_next_pass=True).reuses_next_pass("shared-stream")
     rng = np.random.default_rng(5)
-    obs = _observation(rng, (4,))
+    learner = A2CLearner(AgentConfig(network="mlp", hidden_size=16), (4,), 2, seed=3)
+    _step(learner, rng, _observation(rng, (4,)))
+    assert learner._here.kept  # auto on mlp: the pass on s' is kept for the next act
+
+
+@pytest.mark.parametrize("network", ["mlp", "shared-conv"])
+def test_off_the_learner_acts_on_the_current_weights(network: str) -> None:
+    config = AgentConfig(network=network, hidden_size=16,
+                         reuse_next_pass=False if network == "mlp" else "auto")
+    learner = A2CLearner(config, (4,) if network == "mlp" else (4, 84, 84), 2, seed=3)
+    rng = np.random.default_rng(5)
+    obs = _observation(rng, learner.observation_shape)
     obs, _ = _step(learner, rng, obs)
     assert learner._here.logits is None and not learner._here.kept
 
