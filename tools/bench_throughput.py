@@ -26,6 +26,9 @@ preprocessing) so machine noise hits all alike:
   daemon-default-process-overlap  ... and run.overlap_stream: true (the stream process steps
                 during the update)
   daemon-default-all  plain, with reuse_next_pass, stream_process and overlap_stream
+  daemon-default-process-overlap-pinned  process-overlap with the stream process pinned to
+                the last CPU and the learner to the others (os.sched_setaffinity; every
+                other variant runs on all CPUs), as on a device that runs this daemon alone
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
   learner-*     the learner alone on recorded frames, no emulator: the ceiling of any loop
 Prints one JSON object: steps/s per variant (median, min, max over blocks) and the ratios
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -56,10 +60,14 @@ from tools import ROOT
 Step = Callable[[], None]
 
 
+ALL_CPUS = frozenset(os.sched_getaffinity(0))
+
+
 def daemon_loop(config_path: Path, overrides: tuple[str, ...] = (),
-                channels_last: bool = False) -> Step:
+                channels_last: bool = False, pinned: bool = False) -> Step:
     """The exact code path the daemon runs per step; `channels_last` hands the network
-    its input in channels-last memory format (the layers' outputs follow it)."""
+    its input in channels-last memory format (the layers' outputs follow it); `pinned`
+    puts the stream process on the last CPU and the learner on the others."""
     config = load_config(config_path, list(overrides))
     stream = open_stream(config.env, config.seed, own_process=config.run.stream_process)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
@@ -69,9 +77,14 @@ def daemon_loop(config_path: Path, overrides: tuple[str, ...] = (),
         preprocess.forward = lambda obs: contiguous_forward(obs).contiguous(  # type: ignore[method-assign]
             memory_format=torch.channels_last)
     loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
+    stream_cpu = max(ALL_CPUS)
+    if pinned:
+        os.sched_setaffinity(stream.pid, {stream_cpu})
 
     def step() -> None:
         configure_torch(config, learner.network_name)  # as the daemon sets it (~1 us)
+        if pinned:  # a syscall of ~1 us; main() gives the others all CPUs back
+            os.sched_setaffinity(0, ALL_CPUS - {stream_cpu})
         loop.step()
     return step
 
@@ -243,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         "daemon-default-process": lambda: daemon_loop(default, plain + process),
         "daemon-default-process-overlap": lambda: daemon_loop(
             default, plain + process + ("run.overlap_stream=true",)),
+        "daemon-default-process-overlap-pinned": lambda: daemon_loop(
+            default, plain + process + ("run.overlap_stream=true",), pinned=True),
         "daemon-default-all": lambda: daemon_loop(
             default, reuse + process + ("run.overlap_stream=true",))}
     unknown = set(args.only or ()) - set(makers)
@@ -251,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = {name: make() for name, make in makers.items()
                 if args.only is None or name in args.only}
     for step in variants.values():
+        os.sched_setaffinity(0, ALL_CPUS)
         time_block(step, 50)  # warm-up: allocator, oneDNN primitive caches
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.blocks):
         for name, step in variants.items():
+            os.sched_setaffinity(0, ALL_CPUS)  # undo a pinned variant's learner pinning
             rates[name].append(time_block(step, args.block_steps))
 
     def ratio(a: str, b: str) -> float | None:
@@ -290,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            "daemon-default-plain"),
         "ratio_stream_process_overlap_over_plain (default)": ratio(
             "daemon-default-process-overlap", "daemon-default-plain"),
+        "ratio_stream_process_overlap_pinned_over_plain (default)": ratio(
+            "daemon-default-process-overlap-pinned", "daemon-default-plain"),
         "ratio_all_over_plain (default)": ratio("daemon-default-all", "daemon-default-plain"),
     }, indent=1))
     return 0
