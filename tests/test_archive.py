@@ -40,3 +40,37 @@ def test_archive_keeps_the_figures_and_the_newest_good_checkpoint(tmp_path: Path
 def test_a_run_without_metrics_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         archive_run.archive(tmp_path, tmp_path / "dest", with_checkpoint=False)
+
+
+def test_archiving_again_keeps_one_checkpoint_the_newest(tmp_path: Path) -> None:
+    _run(tmp_path / "run")
+    dest = tmp_path / "archive"
+    archive_run.archive(tmp_path / "run", dest, with_checkpoint=True)
+    CheckpointStore(tmp_path / "run" / "checkpoints", keep=3).save({"step": 70}, 70)
+    archive_run.archive(tmp_path / "run", dest, with_checkpoint=True)
+    assert [p.name for p in (dest / "checkpoints").iterdir()] == ["ckpt-000000000070.pt"]
+
+
+def test_a_restored_archive_is_the_run_directory_again(tmp_path: Path) -> None:
+    _run(tmp_path / "run")
+    archive_run.archive(tmp_path / "run", tmp_path / "archive", with_checkpoint=True)
+    restored = tmp_path / "again"
+    assert archive_run.main(["--restore", str(tmp_path / "archive"), str(restored)]) == 0
+    assert (restored / "metrics.jsonl").read_bytes() == \
+        (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    assert (restored / "config.yaml").read_text() == "seed: 0\n"
+    payload, path = CheckpointStore(restored / "checkpoints", keep=3).load_latest()
+    assert (payload["step"], path.name) == (50, "ckpt-000000000050.pt")
+
+
+def test_restore_refuses_to_mix_into_a_run_or_to_lack_a_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _run(tmp_path / "run")
+    archive_run.archive(tmp_path / "run", tmp_path / "archive", with_checkpoint=False)
+    assert archive_run.main(["--restore", str(tmp_path / "archive"),
+                             str(tmp_path / "again")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    archive_run.archive(tmp_path / "run", tmp_path / "archive", with_checkpoint=True)
+    assert archive_run.main(["--restore", str(tmp_path / "archive"),
+                             str(tmp_path / "run")]) == 2
+    assert "already holds a run" in capsys.readouterr().err.splitlines()[-1]

@@ -1,13 +1,20 @@
-"""Keep a finished learning run in the repository, small: docs/runs/<name>/seed-<n>/.
+"""Keep a learning run in the repository, small: docs/runs/<name>/seed-<n>/; and make a
+run directory of it again to go on with the run.
 
     python tools/archive_run.py RUN_DIR docs/runs/NAME/seed-N [--with-checkpoint]
+    python tools/archive_run.py --restore docs/runs/NAME/seed-N RUN_DIR
 
-Copies what the figures are computed from -- metrics.jsonl compressed to metrics.jsonl.gz,
-status.json, bench.json and the resolved config.yaml -- and, with --with-checkpoint, the
-newest verified checkpoint (about 1 MB for the default network), so a later session can
-resume the run (`python -m runtime.daemon --config DEST/config.yaml --run-dir COPY` after
-copying DEST/checkpoints/ into COPY). The archived figures are read back by the same
-tools as live runs: `python tools/sweep.py --summarize-only --out-dir docs/runs/NAME`,
+Archiving copies what the figures are computed from -- metrics.jsonl compressed to
+metrics.jsonl.gz, status.json, bench.json and the resolved config.yaml -- and, with
+--with-checkpoint, the newest verified checkpoint (about 3 MB for the default network) in
+place of any older one the archive held. Archiving a run again (it went on) overwrites
+the archive with the longer log.
+
+--restore writes RUN_DIR back from the archive (metrics.jsonl uncompressed, the
+checkpoint, config.yaml), so that the run goes on where it was archived, its stream state
+included: `python -m runtime.daemon --config RUN_DIR/config.yaml --run-dir RUN_DIR
+--max-steps N`. The archived figures are read back by the same tools as live runs:
+`python tools/sweep.py --summarize-only --out-dir docs/runs/NAME`,
 `python tools/plot_metrics.py --group docs/runs/NAME --out curve.png`.
 """
 
@@ -41,8 +48,33 @@ def archive(run_dir: Path, dest: Path, with_checkpoint: bool) -> list[Path]:
             written.append(Path(shutil.copy2(run_dir / name, dest / name)))
     if with_checkpoint:
         newest = _newest_good_checkpoint(run_dir / "checkpoints")
-        (dest / "checkpoints").mkdir(exist_ok=True)
-        written.append(Path(shutil.copy2(newest, dest / "checkpoints" / newest.name)))
+        kept = dest / "checkpoints"
+        kept.mkdir(exist_ok=True)
+        written.append(Path(shutil.copy2(newest, kept / newest.name)))
+        for older in kept.glob("ckpt-*.pt"):  # one checkpoint per run in the repository
+            if older.name != newest.name:
+                older.unlink()
+    return written
+
+
+def restore(archived: Path, run_dir: Path) -> list[Path]:
+    """Make `run_dir` a run directory the daemon resumes from; returns the files written.
+    Raises FileNotFoundError when the archive has no log or no checkpoint, and
+    FileExistsError rather than mix the archive into a run directory that has a log."""
+    packed = archived / "metrics.jsonl.gz"
+    if not packed.exists():
+        raise FileNotFoundError(f"{packed} does not exist")
+    newest = _newest_good_checkpoint(archived / "checkpoints")
+    if (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl)")
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    with gzip.open(packed, "rb") as log:
+        metrics.write_bytes(log.read())
+    written = [metrics, Path(shutil.copy2(newest, run_dir / "checkpoints" / newest.name))]
+    for name in COPIED:
+        if (archived / name).exists():
+            written.append(Path(shutil.copy2(archived / name, run_dir / name)))
     return written
 
 
@@ -60,13 +92,18 @@ def _newest_good_checkpoint(directory: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("dest", type=Path)
+    parser.add_argument("source", type=Path,
+                        help="the run directory; with --restore, the archive")
+    parser.add_argument("dest", type=Path,
+                        help="the archive; with --restore, the run directory to write")
     parser.add_argument("--with-checkpoint", action="store_true")
+    parser.add_argument("--restore", action="store_true",
+                        help="write a run directory back from an archive, to go on with it")
     args = parser.parse_args(argv)
     try:
-        written = archive(args.run_dir, args.dest, args.with_checkpoint)
-    except (FileNotFoundError, CheckpointError) as exc:
+        written = restore(args.source, args.dest) if args.restore \
+            else archive(args.source, args.dest, args.with_checkpoint)
+    except (FileNotFoundError, FileExistsError, CheckpointError) as exc:
         print(f"archive_run: error: {exc}", file=sys.stderr)
         return 2
     for path in written:
