@@ -115,6 +115,16 @@ class AgentConfig:
         "policy's entropy is below it, beta grows (and shrinks back to the scheduled value "
         "above it), so a policy that turns deterministic too early is pushed back to "
         "explore; null = off.", within(0.0, 1.0, allow_none=True))
+    entropy_floor_final: float | None = option(
+        None, "The floor after its decay (a fraction of ln(actions), like entropy_floor); "
+        "null keeps entropy_floor constant. A floor that gives way once the policy is good "
+        "lets it turn more deterministic, which plays better.",
+        within(0.0, 1.0, allow_none=True))
+    entropy_floor_decay_start: int = option(
+        1_000_000, "Update at which the floor starts its linear decay to "
+        "entropy_floor_final.", at_least(0))
+    entropy_floor_decay_steps: int = option(
+        500_000, "Updates over which the floor decays to entropy_floor_final.", at_least(1))
     entropy_floor_rate: float = option(
         1e-3, "How fast beta adapts to the floor: per update, log(beta / scheduled beta) "
         "moves by rate * (floor - entropy / ln(actions)), kept in [0, ln 100].", above(0.0))
@@ -162,6 +172,16 @@ class AgentConfig:
             return self.entropy_coeff
         frac = min(update / self.entropy_decay_steps, 1.0)
         return self.entropy_coeff + frac * (self.entropy_final - self.entropy_coeff)
+
+    def floor_at(self, update: int) -> float | None:
+        """The entropy floor for the given update count (constant, then a linear decay to
+        entropy_floor_final, then constant); None when there is no floor."""
+        floor = self.entropy_floor
+        if floor is None or self.entropy_floor_final is None:
+            return floor
+        frac = min(max(update - self.entropy_floor_decay_start, 0)
+                   / self.entropy_floor_decay_steps, 1.0)
+        return floor + frac * (self.entropy_floor_final - floor)
 
     def problems(self) -> list[tuple[str, str]]:
         """Cross-field checks: (key, message) pairs; empty when consistent."""

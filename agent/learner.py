@@ -275,7 +275,7 @@ class A2CLearner:
     def _adapt_entropy_gain(self, entropy: float) -> None:
         """Entropy floor: a dual step on log beta, like SAC's temperature but one-sided
         (the gain never drops below 0, so above the floor beta is the scheduled one)."""
-        floor = self.config.entropy_floor
+        floor = self.config.floor_at(self.updates)
         if floor is None:
             return
         deficit = floor - entropy / self._max_entropy

@@ -293,6 +293,29 @@ def test_entropy_floor_raises_beta_only_while_the_entropy_is_below_it() -> None:
     assert learner.entropy_gain == 0.0
 
 
+def test_the_entropy_floor_decays_on_its_schedule_and_beta_follows() -> None:
+    config = dataclasses.replace(PLAIN, entropy_floor=0.5, entropy_floor_final=0.1,
+                                 entropy_floor_decay_start=3, entropy_floor_decay_steps=4)
+    assert [config.floor_at(u) for u in (0, 3, 5, 7, 100)] == pytest.approx(
+        [0.5, 0.5, 0.3, 0.1, 0.1])
+    assert dataclasses.replace(config, entropy_floor=None).floor_at(5) is None
+    assert dataclasses.replace(config, entropy_floor_final=None).floor_at(100) == 0.5
+    # an entropy fraction of ~0.28 (logits 1.5, -1.5): below the floor until it decays
+    # under it, then beta falls back to the scheduled value
+    config = dataclasses.replace(config, entropy_floor_rate=0.5)
+    learner = A2CLearner(config, (3,), 2, seed=0)
+    head = learner.net.policy_head[-1]
+    gains = []
+    for _ in range(40):
+        with torch.no_grad():  # the updates move the head: hold the policy where it is
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([1.5, -1.5]))
+        learner.update(Transition(S, 0, 0.0, S2, False, False))
+        gains.append(learner.entropy_gain)
+    assert gains[5] > gains[0] > 0.0
+    assert gains[-1] == 0.0
+
+
 # sha256 prefixes of net.flat for seed 0 with the default agent settings, recorded before
 # the learner stopped reseeding the process: a seeding change must not move them.
 # (4,): the first layer starts all zero since 8bf9d00 (stream-x's rounding); shared-conv's
