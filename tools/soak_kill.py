@@ -31,6 +31,9 @@ import torch
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
 from tools import ROOT
 
+# Steps the last clean run learns before its SIGTERM.
+FINAL_RUN_STEPS = 300
+
 
 class Violation(Exception):
     pass
@@ -77,6 +80,22 @@ def _wait_learning(run_dir: Path, proc: subprocess.Popen[bytes], timeout: float 
             pass
         time.sleep(0.02)
     raise Violation("the daemon never started learning")
+
+
+def _wait_step(run_dir: Path, proc: subprocess.Popen[bytes], step: int,
+               timeout: float = 300) -> None:
+    """Wait until the daemon's status file reports `step` or more."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise Violation(f"the daemon exited {proc.returncode} before step {step}")
+        try:
+            if json.loads((run_dir / "status.json").read_text())["step"] >= step:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise Violation(f"the daemon did not reach step {step} in {timeout:.0f} s")
 
 
 def check_run_dir(run_dir: Path, newest_before: int) -> tuple[int, bool]:
@@ -206,7 +225,9 @@ def soak(run_dir: Path, kills: int, seed: int, env_id: str = "CartPole-v1") -> d
     newest, _ = check_run_dir(run_dir, 0)
     proc = _start(run_dir, env_id)  # a last clean run must resume and stop cleanly
     _wait_learning(run_dir, proc)
-    time.sleep(0.3)
+    # It learns a fixed number of steps, not for a fixed time, so that the comparison below
+    # covers enough games however slow (or loaded) the machine is.
+    _wait_step(run_dir, proc, newest + FINAL_RUN_STEPS)
     proc.send_signal(signal.SIGTERM)
     if proc.wait(timeout=120) != 0:
         raise Violation(f"the final clean run exited {proc.returncode}")
@@ -216,7 +237,7 @@ def soak(run_dir: Path, kills: int, seed: int, env_id: str = "CartPole-v1") -> d
     orphaned = sum(len(p.read_text().splitlines())
                    for p in run_dir.glob("metrics.jsonl.orphaned-*"))
     compared = _compare_with_uninterrupted(run_dir, final, env_id)
-    return {"kills": kills, **figures, "final_step": final,
+    return {"kills": kills, **figures, "step_after_kills": newest, "final_step": final,
             "games": json.loads((run_dir / "status.json").read_text())["games"],
             "records_moved_aside_on_restarts": orphaned,
             "equal_to_uninterrupted": compared}
