@@ -167,3 +167,14 @@ def test_yaml_words_mean_what_the_user_typed(tmp_path: Path) -> None:
     config = load_config(config_file, [])
     assert config.run.onednn == "off" and config.agent.lr == 1e-4
     assert load_config(ROOT / "config.yaml", ["run.onednn=on"]).run.onednn == "on"
+
+
+def test_a_config_error_is_reported_before_torch_is_imported(tmp_path: Path) -> None:
+    """The commonest bad input, a wrong key, is answered at once: the daemon reads and
+    checks its config before it imports torch and the learner."""
+    probe = ("import sys; from runtime.daemon.command import main; "
+             "code = main(['--config', 'config.yaml', '--set', 'agent.learning_rate=1']); "
+             "print(code, 'torch' in sys.modules, 'agent.learner' in sys.modules)")
+    done = _run(["-c", probe])
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr
+    assert "agent.learning_rate: unknown key" in done.stderr

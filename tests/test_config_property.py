@@ -23,7 +23,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.daemon.lifecycle import main
+from runtime.daemon.command import main
 from tests.conftest import ROOT, _env
 
 FRAMES = {"ALE/Breakout-v5"}  # the stream gives frames; the others give vectors

@@ -2,7 +2,7 @@
 
 import sys
 
-from runtime.daemon.lifecycle import main
+from runtime.daemon.command import main
 
 # The guard matters: the policy publisher is a spawned process, and spawn may import the
 # main module again under another name.

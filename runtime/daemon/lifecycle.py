@@ -8,7 +8,6 @@ that could not be written (logged), 3 the stream kept failing (after a final che
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -20,9 +19,9 @@ import yaml
 
 from agent.learner import A2CLearner
 from agent.networks import FrameTooSmall, resolve_network
-from runtime.cli import OneLineParser, UsageError
+from runtime.cli import UsageError
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore
-from runtime.daemon.config import Config, ConfigError, load_config, to_dict
+from runtime.daemon.config import Config, ConfigError, to_dict
 from runtime.daemon.filming import GameFilming
 from runtime.daemon.history import set_aside_after
 from runtime.daemon.loop import ActingLoop, Counters, RollbackNeeded, StreamFault
@@ -38,28 +37,6 @@ from runtime.sdnotify import Notifier
 from runtime.streams import Stream, StreamError, is_atari_id
 
 log = logging.getLogger("runtime.daemon")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m runtime.daemon", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config file (see config.yaml)")
-    parser.add_argument("--run-dir", help="run directory (overrides run.dir)")
-    parser.add_argument("--max-steps", type=int, help="stop at this all-time step count "
-                        "(overrides run.max_steps)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a dotted config key, e.g. --set env.id=CartPole-v1")
-    parser.add_argument("--fresh", action="store_true",
-                        help="start over; existing checkpoints are moved aside, not deleted")
-    return parser.parse_args(argv)
-
-
-def resolve_config(args: argparse.Namespace) -> Config:
-    overrides = list(args.set)
-    if args.run_dir is not None:
-        overrides.append(f"run.dir={args.run_dir}")
-    if args.max_steps is not None:
-        overrides.append(f"run.max_steps={args.max_steps}")
-    return load_config(args.config, overrides)
 
 
 def configure_torch(config: Config, network: str) -> None:
@@ -379,11 +356,11 @@ class Daemon:
             self._lock = None
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_daemon(config: Config, fresh: bool) -> int:
+    """Prepare and run one daemon on a config that has been read (`command.main`)."""
     daemon = None
     try:
-        args = parse_args(argv)
-        daemon = Daemon(resolve_config(args), fresh=args.fresh)
+        daemon = Daemon(config, fresh=fresh)
         daemon.prepare()
     except (UsageError, ConfigError) as exc:
         print(f"daemon: error: {exc}", file=sys.stderr)
@@ -397,7 +374,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         daemon.release()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
