@@ -1,6 +1,6 @@
-"""The main job: `python -m runtime.daemon --config config.yaml`.
+"""The main job's lifecycle, once `command` has read its config (`python -m runtime.daemon`).
 
-Lifecycle only — config, run directory, signals, checkpoints, metrics, logging. The RL
+Lifecycle only — run directory, signals, checkpoints, metrics, logging. The RL
 lives in the learner and the acting loop. Exit codes: 0 clean stop, 2 bad usage, config
 or stored state (one line naming the cause), 1 a fatal runtime error or a final checkpoint
 that could not be written (logged), 3 the stream kept failing (after a final checkpoint).
