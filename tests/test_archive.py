@@ -74,3 +74,7 @@ def test_restore_refuses_to_mix_into_a_run_or_to_lack_a_checkpoint(
     assert archive_run.main(["--restore", str(tmp_path / "archive"),
                              str(tmp_path / "run")]) == 2
     assert "already holds a run" in capsys.readouterr().err.splitlines()[-1]
+    (tmp_path / "run" / "metrics.jsonl").unlink()  # checkpoints alone are a run too
+    assert archive_run.main(["--restore", str(tmp_path / "archive"),
+                             str(tmp_path / "run")]) == 2
+    assert "already holds a run (checkpoints/)" in capsys.readouterr().err.splitlines()[-1]

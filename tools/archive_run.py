@@ -60,13 +60,16 @@ def archive(run_dir: Path, dest: Path, with_checkpoint: bool) -> list[Path]:
 def restore(archived: Path, run_dir: Path) -> list[Path]:
     """Make `run_dir` a run directory the daemon resumes from; returns the files written.
     Raises FileNotFoundError when the archive has no log or no checkpoint, and
-    FileExistsError rather than mix the archive into a run directory that has a log."""
+    FileExistsError rather than mix the archive into a run directory that has a log or a
+    checkpoint (the daemon would resume from whichever checkpoint is newest)."""
     packed = archived / "metrics.jsonl.gz"
     if not packed.exists():
         raise FileNotFoundError(f"{packed} does not exist")
     newest = _newest_good_checkpoint(archived / "checkpoints")
     if (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl)")
+    if any((run_dir / "checkpoints").glob("ckpt-*.pt")):
+        raise FileExistsError(f"{run_dir} already holds a run (checkpoints/)")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
     with gzip.open(packed, "rb") as log:
