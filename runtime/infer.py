@@ -347,7 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.follow import FollowError, run_follow  # standard library + this module
+    from runtime.follow import FollowError
+    from runtime.follow_command import run_follow  # torch-free, like this module
     from runtime.streams import StreamError  # torch-free; gymnasium is needed to play anyway
     from runtime.video import VideoError  # numpy only; imageio is imported when recording
 
