@@ -116,9 +116,10 @@ class AgentConfig:
         "above it), so a policy that turns deterministic too early is pushed back to "
         "explore; null = off.", within(0.0, 1.0, allow_none=True))
     entropy_floor_final: float | None = option(
-        None, "The floor after its decay (a fraction of ln(actions), like entropy_floor); "
+        0.05, "The floor after its decay (a fraction of ln(actions), like entropy_floor); "
         "null keeps entropy_floor constant. A floor that gives way once the policy is good "
-        "lets it turn more deterministic, which plays better.",
+        "lets it turn more deterministic, which plays better (Breakout at 2M steps: ahead "
+        "of a constant floor on each of three seeds).",
         within(0.0, 1.0, allow_none=True))
     entropy_floor_decay_start: int = option(
         1_000_000, "Update at which the floor starts its linear decay to "
