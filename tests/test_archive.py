@@ -78,3 +78,20 @@ def test_restore_refuses_to_mix_into_a_run_or_to_lack_a_checkpoint(
     assert archive_run.main(["--restore", str(tmp_path / "archive"),
                              str(tmp_path / "run")]) == 2
     assert "already holds a run (checkpoints/)" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_restore_interrupted_after_the_checkpoint_finishes_when_run_again(
+        tmp_path: Path) -> None:
+    _run(tmp_path / "run")
+    archive_run.archive(tmp_path / "run", tmp_path / "archive", with_checkpoint=True)
+    restored = tmp_path / "again"
+    (restored / "checkpoints").mkdir(parents=True)  # what a restore writes first
+    (restored / "checkpoints" / "ckpt-000000000050.pt").write_bytes(
+        (tmp_path / "archive" / "checkpoints" / "ckpt-000000000050.pt").read_bytes())
+    assert archive_run.main(["--restore", str(tmp_path / "archive"), str(restored)]) == 0
+    assert (restored / "metrics.jsonl").read_bytes() == \
+        (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    (restored / "metrics.jsonl").unlink()  # a different checkpoint is another run
+    (restored / "checkpoints" / "ckpt-000000000050.pt").write_bytes(b"other")
+    with pytest.raises(FileExistsError):
+        archive_run.restore(tmp_path / "archive", restored)

@@ -10,6 +10,10 @@ metrics.jsonl.gz, status.json, bench.json and the resolved config.yaml -- and, w
 place of any older one the archive held. Archiving a run again (it went on) overwrites
 the archive with the longer log.
 
+Every file is written atomically (runtime.files.write_atomic), so an archive or a run
+directory interrupted half-way holds whole files only, and the same command run again
+finishes it.
+
 --restore writes RUN_DIR back from the archive (metrics.jsonl uncompressed, the
 checkpoint, config.yaml), so that the run goes on where it was archived, its stream state
 included: `python -m runtime.daemon --config RUN_DIR/config.yaml --run-dir RUN_DIR
@@ -22,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import shutil
 import sys
 from pathlib import Path
 
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
+from runtime.files import write_atomic
 
 COPIED = ("status.json", "bench.json", "config.yaml")
 
@@ -40,17 +44,15 @@ def archive(run_dir: Path, dest: Path, with_checkpoint: bool) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     packed = dest / "metrics.jsonl.gz"
     # mtime=0: the same log always compresses to the same bytes (no churn in git)
-    with open(packed, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
-        out.write(metrics.read_bytes())
+    write_atomic(packed, gzip.compress(metrics.read_bytes(), mtime=0))
     written = [packed]
     for name in COPIED:
-        if (run_dir / name).exists():
-            written.append(Path(shutil.copy2(run_dir / name, dest / name)))
+        written += _copy(run_dir / name, dest / name)
     if with_checkpoint:
         newest = _newest_good_checkpoint(run_dir / "checkpoints")
         kept = dest / "checkpoints"
         kept.mkdir(exist_ok=True)
-        written.append(Path(shutil.copy2(newest, kept / newest.name)))
+        written += _copy(newest, kept / newest.name)
         for older in kept.glob("ckpt-*.pt"):  # one checkpoint per run in the repository
             if older.name != newest.name:
                 older.unlink()
@@ -61,24 +63,37 @@ def restore(archived: Path, run_dir: Path) -> list[Path]:
     """Make `run_dir` a run directory the daemon resumes from; returns the files written.
     Raises FileNotFoundError when the archive has no log or no checkpoint, and
     FileExistsError rather than mix the archive into a run directory that has a log or a
-    checkpoint (the daemon would resume from whichever checkpoint is newest)."""
+    checkpoint (the daemon would resume from whichever checkpoint is newest) -- unless
+    that checkpoint is the archive's own, left by a restore that was interrupted."""
     packed = archived / "metrics.jsonl.gz"
     if not packed.exists():
         raise FileNotFoundError(f"{packed} does not exist")
     newest = _newest_good_checkpoint(archived / "checkpoints")
-    if (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl)")
-    if any((run_dir / "checkpoints").glob("ckpt-*.pt")):
-        raise FileExistsError(f"{run_dir} already holds a run (checkpoints/)")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
-    with gzip.open(packed, "rb") as log:
-        metrics.write_bytes(log.read())
-    written = [metrics, Path(shutil.copy2(newest, run_dir / "checkpoints" / newest.name))]
+    if metrics.exists():
+        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl)")
+    checkpoints = run_dir / "checkpoints"
+    present = sorted(checkpoints.glob("ckpt-*.pt"))
+    restored_before = [p.name for p in present] == [newest.name] \
+        and present[0].read_bytes() == newest.read_bytes()
+    if present and not restored_before:
+        raise FileExistsError(f"{run_dir} already holds a run (checkpoints/)")
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    # the log last: a run directory with a log is a restored one (see above)
+    written = _copy(newest, checkpoints / newest.name)
     for name in COPIED:
-        if (archived / name).exists():
-            written.append(Path(shutil.copy2(archived / name, run_dir / name)))
-    return written
+        written += _copy(archived / name, run_dir / name)
+    with gzip.open(packed, "rb") as log:
+        write_atomic(metrics, log.read())
+    return [*written, metrics]
+
+
+def _copy(source: Path, dest: Path) -> list[Path]:
+    """Copy atomically where `source` exists; returns [dest] or []."""
+    if not source.exists():
+        return []
+    write_atomic(dest, source.read_bytes())
+    return [dest]
 
 
 def _newest_good_checkpoint(directory: Path) -> Path:
