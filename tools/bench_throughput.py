@@ -17,7 +17,8 @@ preprocessing) so machine noise hits all alike:
                 run.stream_process all false: the loop without any of the three
   daemon-default-reuse  plain, with agent.reuse_next_pass: true (one forward pass per step:
                 the pass on s' keeps its graph for the next action and update)
-  daemon-default-onednn-off  the default with run.onednn: off (torch's own convolutions)
+  daemon-default-onednn-on, -off  the default with run.onednn: on (oneDNN convolutions) or
+                off (torch's own); `auto` picks off for the default's shared-stream network
   daemon-default-channels-last  the default with the network's input in channels-last format
   *-overlap     the same daemon loops with run.overlap_stream: true on a thread (the stream
                 steps during the update; the acting policy lags by one update)
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "daemon-default": lambda: daemon_loop(default),
         "daemon-default-plain": lambda: daemon_loop(default, plain),
         "daemon-default-reuse": lambda: daemon_loop(default, plain + reuse),
+        "daemon-default-onednn-on": lambda: daemon_loop(default, ("run.onednn=on",)),
         "daemon-default-onednn-off": lambda: daemon_loop(default, ("run.onednn=off",)),
         "daemon-default-channels-last": lambda: daemon_loop(default, channels_last=True),
         "daemon-default-overlap": lambda: daemon_loop(default, plain + overlap),
@@ -297,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_default_over_plain (default)": ratio("daemon-default", "daemon-default-plain"),
         "ratio_reuse_next_pass_over_plain (default)": ratio("daemon-default-reuse",
                                                             "daemon-default-plain"),
-        "ratio_onednn_off_over_daemon (default)": ratio("daemon-default-onednn-off",
-                                                        "daemon-default"),
+        "ratio_onednn_on_over_off (default)": ratio("daemon-default-onednn-on",
+                                                    "daemon-default-onednn-off"),
         "ratio_channels_last_over_daemon (default)": ratio("daemon-default-channels-last",
                                                            "daemon-default"),
         "ratio_overlap_over_plain (default)": ratio("daemon-default-overlap",
