@@ -16,7 +16,7 @@ import pytest
 
 from runtime.metrics import read_jsonl
 from tests.conftest import ROOT, _env, wait_for_status
-from tools import plot_metrics, sweep
+from tools import bench_learning, plot_metrics, sweep
 from tools.seed_stats import bootstrap_ci, iqm, iqm_weights, last_games_mean
 
 STEPS = 1500
@@ -93,6 +93,23 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert done.returncode == 0, done.stderr
     assert done.stderr.count(": new") == 4 and done.stderr.count("finished at step") == 4
     return out
+
+
+def test_steps_per_s_counts_the_steps_learned_in_the_recorded_wall_time(
+        tmp_path: Path) -> None:
+    """A run restored from an archive at step 1000 and run on to 2000 in 10 s learned at
+    100 steps/s, not 200; a record begun before start_step existed covered steps from 0."""
+    (tmp_path / "status.json").write_text(json.dumps({"step": 1000}))
+    (tmp_path / "metrics.jsonl").write_text("")
+    record = bench_learning.begin_record(tmp_path)
+    assert record == {"start_step": 1000, "wall_s": 0.0}
+    (tmp_path / "bench.json").write_text(json.dumps({**record, "wall_s": 10.0}))
+    assert bench_learning.begin_record(tmp_path)["start_step"] == 1000  # a resume keeps it
+    (tmp_path / "status.json").write_text(json.dumps({"step": 2000}))
+    assert bench_learning.summarize(tmp_path)["steps_per_s"] == 100.0
+    (tmp_path / "bench.json").write_text(json.dumps({"wall_s": 10.0}))
+    assert bench_learning.summarize(tmp_path)["steps_per_s"] == 200.0
+    assert bench_learning.begin_record(tmp_path / "new")["start_step"] == 0
 
 
 def test_each_config_and_seed_gets_a_finite_figure(swept: Path) -> None:

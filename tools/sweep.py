@@ -23,7 +23,8 @@ path, and every node needs this project at the same path or installed.
 The table has, per config, each seed's mean return over its last 100 games (before
 --at-step K, to read a 1M figure out of a longer run), the mean and the interquartile mean
 over seeds with 95% percentile bootstrap intervals (2,000 resamples, seeded; see
-tools/seed_stats.py), and steps/s (steps over the daemons' wall time, start-up included;
+tools/seed_stats.py), and steps/s (the steps learned over the daemons' wall time, start-up
+included; a run restored from an archive counts from the step it was restored at;
 without bench.json, the daemon's own rate, median over games). It also writes
 OUT_DIR/summary.json (summary-at-K.json with --at-step).
 """
@@ -49,7 +50,7 @@ from runtime.daemon.config import ConfigError, load_config
 from runtime.files import write_atomic
 from runtime.metrics import metrics_path, read_jsonl
 from tools import ROOT
-from tools.bench_learning import PRESETS, summarize
+from tools.bench_learning import PRESETS, begin_record, summarize
 from tools.daemon_pool import LocalPool, Result, connect_ray, run_on_ray
 from tools.seed_stats import bootstrap_ci, iqm, last_games_mean
 
@@ -192,13 +193,12 @@ def prepare_run_dir(run: Run) -> None:
     """On the first start, freeze the source YAML into the run dir: a resume, maybe on
     another node or after the preset changed, reads it from there."""
     assert run.source is not None
-    record = read_record(run.run_dir)
+    record = begin_record(run.run_dir)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     frozen = run.run_dir / "sweep-source.yaml"
     if not frozen.exists():
         frozen.write_text(run.source.read_text())
     record.update(preset=run.name, config=str(run.source), overrides=list(run.overrides))
-    record.setdefault("wall_s", 0.0)  # bench_learning.summarize reads it
     write_record(run.run_dir, record)
 
 
