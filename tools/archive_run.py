@@ -1,5 +1,6 @@
-"""Keep a learning run in the repository, small: docs/runs/<name>/seed-<n>/; and make a
-run directory of it again to go on with the run.
+"""Keep a learning run in the repository, small, and make a run directory of it again.
+
+The archive is docs/runs/<name>/seed-<n>/; a restored run directory goes on with the run.
 
     python tools/archive_run.py RUN_DIR docs/runs/NAME/seed-N [--with-checkpoint]
     python tools/archive_run.py --restore docs/runs/NAME/seed-N RUN_DIR

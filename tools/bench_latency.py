@@ -1,5 +1,6 @@
-"""What an embedded agent acting on a clock cares about, under its own learning load:
-decision latency (observation in, action out) and CPU time per step.
+"""Decision latency (observation in, action out) and CPU time per step, under learning.
+
+What an embedded agent acting on a clock cares about, under its own learning load.
 
     python tools/bench_latency.py [--steps 3000] [--env ALE/Breakout-v5] [--set KEY=VALUE ...]
 

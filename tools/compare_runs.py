@@ -1,5 +1,7 @@
-"""Two run groups side by side, seed by seed: the mean of the last 100 games every K steps
-and the difference, to read where (and on which seeds) one config pulls ahead of another.
+"""Two run groups side by side, seed by seed, every K steps, and their difference.
+
+The figure is the mean of the last 100 games (or another per-game field), to read where
+(and on which seeds) one config pulls ahead of another.
 
     python tools/compare_runs.py docs/runs/shared-stream-kappa-half \\
         docs/runs/entropy-floor-decay --from 1000000 --to 2000000 --every 100000 \\
