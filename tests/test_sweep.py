@@ -246,8 +246,10 @@ def test_an_interrupted_ray_sweep_stops_its_daemons_with_a_checkpoint(tmp_path: 
                             cwd=ROOT, env=_env(), text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     first = tmp_path / "default" / "seed-0"
-    wait_for_status(first, 300, timeout=180)  # Ray and the daemon start slowly on busy cores
-    proc.send_signal(signal.SIGTERM)
+    try:
+        wait_for_status(first, 300, timeout=180)  # Ray and the daemon start slowly on busy cores
+    finally:  # on a timeout too: no sweep, Ray instance or daemon is left running
+        proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 130, stderr
     status = json.loads((first / "status.json").read_text())
