@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.files import write_atomic
 from runtime.metrics import metrics_path, read_jsonl
 from tools import ROOT
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     code = subprocess.call(command, cwd=ROOT)
     record.update(preset=args.preset, wall_s=record["wall_s"] + time.monotonic() - started)
-    (run_dir / "bench.json").write_text(json.dumps(record))
+    write_atomic(run_dir / "bench.json", json.dumps(record).encode())  # a kill leaves it whole
     if code != 0:
         print(f"bench_learning: the daemon exited {code}", file=sys.stderr)
         return code
