@@ -112,6 +112,23 @@ def test_steps_per_s_counts_the_steps_learned_in_the_recorded_wall_time(
     assert bench_learning.begin_record(tmp_path / "new")["start_step"] == 0
 
 
+def test_steps_per_s_of_a_run_leaves_out_the_archive_and_the_time_it_was_stopped(
+        tmp_path: Path) -> None:
+    """A run restored at step 1000 and continued by plain daemons whose wall time no
+    bench.json saw: 100 steps/s over the games it learned, without the archive's games
+    before the restore or the hour it was stopped between 1300 and 1400 (the game after
+    the stop has the rate of its new start; the next one none yet)."""
+    (tmp_path / "bench.json").write_text(json.dumps({"start_step": 1000, "wall_s": 1.0}))
+    games = [{"step": step, "time": time, "steps_per_s": rate} for step, time, rate in
+             ((500, 0.0, 999.0), (1100, 10.0, 100.0), (1200, 11.0, 100.0),
+              (1300, 12.0, 100.0), (1400, 3612.0, 90.0), (1500, 3613.0, 110.0),
+              (1600, 7000.0, 0.0), (1800, 7002.0, 100.0))]
+    assert sweep.learning_rate(tmp_path, games, wall_rate=1000.0) == 100.0
+    without_times = [{"step": 1500, "steps_per_s": 50.0}]
+    assert sweep.learning_rate(tmp_path, without_times, wall_rate=1000.0) == 1000.0
+    assert math.isnan(sweep.learning_rate(tmp_path / "none", [], wall_rate=math.nan))
+
+
 def test_each_config_and_seed_gets_a_finite_figure(swept: Path) -> None:
     summary = json.loads((swept / "summary.json").read_text())
     assert [c["config"] for c in summary["configs"]] == CONFIGS

@@ -23,9 +23,9 @@ path, and every node needs this project at the same path or installed.
 The table has, per config, each seed's mean return over its last 100 games (before
 --at-step K, to read a 1M figure out of a longer run), the mean and the interquartile mean
 over seeds with 95% percentile bootstrap intervals (2,000 resamples, seeded; see
-tools/seed_stats.py), and steps/s (the steps learned over the daemons' wall time, start-up
-included; a run restored from an archive counts from the step it was restored at;
-without bench.json, the daemon's own rate, median over games). It also writes
+tools/seed_stats.py), and steps/s (steps over time between the games the run learned, the
+times the run was stopped left out; a run restored from an archive counts from the step it
+was restored at). It also writes
 OUT_DIR/summary.json (summary-at-K.json with --at-step).
 """
 
@@ -55,6 +55,7 @@ from tools.daemon_pool import LocalPool, Result, connect_ray, run_on_ray
 from tools.seed_stats import bootstrap_ci, iqm, last_games_mean
 
 SWEEP_KEYS = ("seed", "run.dir", "run.max_steps")  # the sweep sets these itself
+STOPPED_FACTOR = 5.0  # a game this many times slower than its end rate spans a stop
 RESAMPLES = 2000
 
 
@@ -268,13 +269,32 @@ def seed_figures(run: Run, window: int, at_step: int | None) -> dict[str, Any]:
     # The daemon moves aside what a resume replays: every game is in the file once.
     games = read_jsonl(metrics_path(run.run_dir))
     figures = summarize(run.run_dir)
-    rate = float(figures["steps_per_s"])
-    if not (math.isfinite(rate) and rate > 0) and games:  # no wall time recorded
-        rate = float(np.median([g["steps_per_s"] for g in games]))
     row["return"], counted = last_games_mean(games, window, at_step)
     row.update(steps=figures["steps"], games=len(games), games_counted=counted,
-               steps_per_s=rate)
+               steps_per_s=learning_rate(run.run_dir, games, float(figures["steps_per_s"])))
     return row
+
+
+def learning_rate(run_dir: Path, games: list[dict[str, Any]], wall_rate: float) -> float:
+    """Steps/s of a run: the steps between consecutive games over the time between them,
+    summed over the games this run dir learned (after the step an archive restore began it
+    at), leaving out each gap where the run was stopped. bench.json's wall time sees only the
+    sweep's own daemons, not a run continued by a plain daemon across sessions; `wall_rate`
+    (from bench.json) stands in only for a run whose games carry no times."""
+    start = read_record(run_dir).get("start_step", 0)
+    learned = [g for g in games if g["step"] > start and "time" in g]
+    steps = seconds = 0.0
+    for before, game in itertools.pairwise(learned):
+        span, elapsed = game["step"] - before["step"], game["time"] - before["time"]
+        # The daemon's rate at the game's end says how long the game should have taken; a
+        # game that took several times that spans a stop (the first game after a start has
+        # no rate yet, and its span holds the downtime too).
+        rate = game.get("steps_per_s", 0.0)
+        if rate > 0 and 0 < elapsed <= STOPPED_FACTOR * span / rate:
+            steps, seconds = steps + span, seconds + elapsed
+    if seconds > 0:
+        return steps / seconds
+    return wall_rate if math.isfinite(wall_rate) and wall_rate > 0 else math.nan
 
 
 def config_figures(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
