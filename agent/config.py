@@ -116,12 +116,13 @@ class AgentConfig:
         "above it), so a policy that turns deterministic too early is pushed back to "
         "explore; null = off.", within(0.0, 1.0, allow_none=True))
     entropy_floor_final: float | None = option(
-        # None here, 0.05 in config.yaml: a config written before the schedule existed
+        # None here, 0.0 in config.yaml: a config written before the schedule existed
         # (every archived run, a user's own file) must go on with the floor it was run with
         None, "The floor after its decay (a fraction of ln(actions), like entropy_floor); "
         "null keeps entropy_floor constant. A floor that gives way once the policy is good "
         "lets it turn more deterministic, which plays better (Breakout at 2M steps: 0.05 "
-        "was ahead of a constant floor on each of three seeds).",
+        "was ahead of a constant floor on each of three seeds, and 0 by 1.67M ahead of "
+        "0.05 on four seeds of five).",
         within(0.0, 1.0, allow_none=True))
     entropy_floor_decay_start: int = option(
         1_000_000, "Update at which the floor starts its linear decay to "

@@ -303,10 +303,10 @@ def test_a_config_written_before_the_floor_schedule_goes_on_with_its_floor(
         tmp_path: Path) -> None:
     """The default config.yaml decays the floor, but an older resolved config (every run
     archived before the schedule existed) has no entropy_floor_final key: resumed with it,
-    the floor stays where the run had it instead of dropping to 0.05 past 1.5M."""
+    the floor stays where the run had it instead of dropping to 0 by 1.67M."""
     lines = (ROOT / "config.yaml").read_text().splitlines()
     old = "\n".join(line for line in lines if "entropy_floor_final:" not in line)
     assert "entropy_floor_final" not in old
     (tmp_path / "config.yaml").write_text(old)
     assert load_config(tmp_path / "config.yaml").agent.floor_at(2_000_000) == 0.2
-    assert load_config(ROOT / "config.yaml").agent.floor_at(2_000_000) == pytest.approx(0.05)
+    assert load_config(ROOT / "config.yaml").agent.floor_at(2_000_000) == 0.0
