@@ -66,12 +66,6 @@ def above_or_auto(low: float) -> Check:
 # networks the halved bounds cost Acrobot one seed in ten (README, small control tasks).
 STREAM_X_KAPPAS = (3.0, 2.0)
 AUTO_KAPPAS = {"shared-stream": (1.5, 1.0)}
-# The networks on which `reuse_next_pass: auto` reuses the pass on s'. On the small
-# control tasks it learned faster than the public stream AC(lambda) script on each one,
-# where the two-pass update was behind it on MountainCar (all 10 seeds reached the flag
-# within 50k steps, against 2); on Breakout it cost a seed (3 seeds at 1M: 24.02 against
-# 30.41). README, Results.
-AUTO_REUSE_NEXT_PASS = frozenset({"mlp"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,17 +139,10 @@ class AgentConfig:
     reward_transform: str = option(
         "scale", "scale (divide by the running std of a discounted return trace) | "
         "clip (to [-1, 1]) | none.", one_of("scale", "clip", "none"))
-    reuse_next_pass: bool | str = option(
-        "auto", "One forward pass per step instead of two: the pass on s' that gives the "
-        "update its bootstrap V(s') keeps its graph (on a copy of the weights, which the "
-        "in-place update leaves alone) and serves one step later as the pass on s, for the "
-        "action and for the gradient. Both then come from the weights of one update before "
-        "(the action as with run.overlap_stream), and the TD error of that update is "
-        "r + gamma V(s'') - V(s') with V(s') the stale value. auto = on for the mlp "
-        "network (vector observations), where it learned faster, off on the conv networks. "
-        "A resumed run recomputes the kept pass from the copy saved in the checkpoint. With "
-        "run.overlap_stream the pass on s' is made before the update, to pick the action "
-        "the stream steps with meanwhile: the same pass, the same actions and updates.",
+    compile: bool | str = option(
+        "auto", "Compile the update with torch.compile (inductor) once per process: auto | "
+        "true (compile; without a C++ compiler, or with TORCH_COMPILE_DISABLE=1, run "
+        "eagerly and say so in the log) | false (always eager).",
         bool_or_auto)
 
     def kappas(self, network: str) -> tuple[float, float]:
@@ -163,12 +150,6 @@ class AgentConfig:
         policy, value = AUTO_KAPPAS.get(network, STREAM_X_KAPPAS)
         return (policy if self.kappa_policy == "auto" else float(self.kappa_policy),
                 value if self.kappa_value == "auto" else float(self.kappa_value))
-
-    def reuses_next_pass(self, network: str) -> bool:
-        """Whether the learner on the named network reuses the pass on s', `auto` resolved."""
-        if self.reuse_next_pass == "auto":
-            return network in AUTO_REUSE_NEXT_PASS
-        return bool(self.reuse_next_pass)
 
     def entropy_at(self, update: int) -> float:
         """The entropy bonus for the given update count (linear decay, then constant)."""

@@ -1,32 +1,41 @@
 """The one-step advantage actor-critic learner: `act(obs)` and `update(transition)`.
 
-One update per transition, from the one-step TD error
-    delta = r + gamma * (1 - terminated) * V(s') - V(s),
-with V(s') from the current parameters and no gradient through it. Truncation
-bootstraps; termination does not. The learner knows nothing of environments or files.
-
-With `agent.reuse_next_pass` the pass on s' keeps its graph, on a copy of the weights
-θ_t before update t, and update t+1 takes it as its pass on s: one forward pass per
-step. The action on s' and the gradient of update t+1 then come from θ_t, one update
-stale, and its TD error is r + gamma * V_θ{t+1}(s'') - V_θt(s'): the stale value is the
-one of the state being learned about, the bootstrap value is current.
+A thin shell around the pure functions of agent/update.py: it holds the LearnerState,
+turns numpy transitions into tensors, adopts a new state only when the update says it is
+finite, samples actions, and converts the state to and from checkpoints. The learner
+knows nothing of environments or files.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from agent.compiled import Compiled
 from agent.config import AgentConfig
+from agent.distributions import Categorical
 from agent.errors import NonFiniteError
-from agent.networks import ActorCritic, WeightCopy, build_network, resolve_network
-from agent.normalizers import RewardScaler
-from agent.optimizers import make_rule
+from agent.functional import NetworkPlan, network_params
+from agent.migration import flat_adam_state
+from agent.networks import ActorCritic, build_network, resolve_network
+from agent.update import (
+    ADAM_BETAS,
+    ADAM_METRICS,
+    OBGD_METRICS,
+    REFUSALS,
+    AdamState,
+    LearnerState,
+    ObGDState,
+    ObservationStats,
+    Step,
+    UpdateSpec,
+    observe,
+    policy_logits,
+    update_and_act,
+)
 
 
 class Transition(NamedTuple):
@@ -38,39 +47,12 @@ class Transition(NamedTuple):
     truncated: bool
 
 
-@dataclass(eq=False)  # matched by identity, like the arrays it holds
-class _Pass:
-    """The learner's work on one observation, kept while the agent stands on it or is
-    about to. Matched by identity: the loop hands the learner the same array as s' of one
-    update and as s of the next act.
-
-    `inputs`: the network input; making it added the observation to the running
-    statistics, so a pass is made once per observation and reused. `logits`/`value`: the
-    heads' outputs (with a graph from `stand_on`, without one from `act_ahead`), valid
-    for the parameters after `updates` updates only.
-
-    `on`: the weight copy the graph is on, for a pass kept by an update for the next act
-    (agent.reuse_next_pass); `kept` until an act has used it."""
-
-    observation: np.ndarray
-    inputs: torch.Tensor
-    logits: torch.Tensor | None = None
-    value: torch.Tensor | None = None
-    updates: int = -1
-    on: WeightCopy | None = None
-    kept: bool = False
-
-    def outputs_for(self, observation: np.ndarray, updates: int) -> bool:
-        """True when the heads' outputs on `observation` are those of the parameters now."""
-        return self.observation is observation and self.updates == updates \
-            and self.logits is not None
-
-
-_MAX_ENTROPY_GAIN = math.log(100.0)  # beta grows at most 100-fold over its schedule
-
-
 def _batch(obs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(obs)).unsqueeze(0)
+
+
+def _finite(obs: np.ndarray) -> bool:
+    return obs.dtype.kind != "f" or bool(np.isfinite(obs).all())
 
 
 class A2CLearner:
@@ -86,251 +68,241 @@ class A2CLearner:
         # inside fork_rng so that the process's own random stream is left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.net: ActorCritic = build_network(
+            self._net: ActorCritic = build_network(
                 config.network, self.observation_shape, num_actions,
                 hidden_size=config.hidden_size, sparsity=config.sparsity,
                 normalize=config.normalize_observations)
         self.rng = torch.Generator().manual_seed(seed)
-        self.reward_scaler = RewardScaler(config.gamma)
+        self.spec = UpdateSpec(config, NetworkPlan.of(self._net), Categorical(num_actions),
+                               self._net.preprocess.scale, *config.kappas(self.network_name))
+        self.state = self._initial_state(network_params(self._net))
         self.updates = 0
-        # log(beta / scheduled beta), raised while the entropy is below entropy_floor.
-        self.entropy_gain = 0.0
-        self._max_entropy = math.log(num_actions) if num_actions > 1 else 1.0
-        # The pass on the observation the agent stands on (s before an update, s' after),
-        # and, in the overlapped loop, the pass on s' made before the update on s -> s'.
-        self._here: _Pass | None = None
-        self._ahead: _Pass | None = None
-        # reuse_next_pass: two copies, as the kept pass's graph is still needed while the
-        # next one is made; and the weights of a kept pass read from a checkpoint.
-        self._copies = (WeightCopy(self.net), WeightCopy(self.net)) \
-            if config.reuses_next_pass(self.network_name) else ()
-        self._resumed_copy: torch.Tensor | None = None
-        # owns its traces and optimiser state
-        self.rule = make_rule(self.net, config, self.network_name)
+        # The observation that last joined the running statistics (matched by identity:
+        # the loop hands the learner the same array as s' of one update and s of the next
+        # act), so that each observation is counted once.
+        self._seen: np.ndarray | None = None
+        compiled = config.compile in (True, "auto")
+        spec = self.spec
+        self._metric_names = OBGD_METRICS if config.optimizer == "obgd" else ADAM_METRICS
+        # The policy's logits on the observation last seen, as the last update left them.
+        self._next_logits: torch.Tensor | None = None
+
+        def update(state: LearnerState, step: Step) -> tuple:
+            return update_and_act(spec, state, step)
+
+        def act(params: torch.Tensor, stats: ObservationStats | None, obs: torch.Tensor,
+                seen: bool) -> tuple:
+            if stats is not None and not seen:
+                stats = observe(spec, stats, obs)
+            return policy_logits(spec, params, stats, obs), stats
+
+        self._update = Compiled(update, "learner update", compiled)
+        self._act = Compiled(act, "learner act", compiled)
+
+    def _initial_state(self, params: torch.Tensor) -> LearnerState:
+        plan = self.spec.plan
+        if self.config.optimizer == "obgd":
+            optimizer: ObGDState | AdamState = ObGDState(
+                torch.zeros(plan.policy_size), torch.zeros(plan.size - plan.value_start))
+        else:
+            trace = torch.zeros(plan.size if self.config.lambda_ > 0 else 0)
+            optimizer = AdamState(trace, torch.zeros(plan.size), torch.zeros(plan.size),
+                                  torch.zeros(()))
+        stats = None
+        if self.config.normalize_observations:
+            mean = torch.zeros(self.observation_shape, dtype=torch.float64)
+            stats = ObservationStats(torch.zeros((), dtype=torch.int64), mean,
+                                     torch.zeros_like(mean))
+        return LearnerState(params, optimizer, stats, torch.zeros(4, dtype=torch.float64),
+                            torch.zeros((), dtype=torch.float64))
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the update runs compiled (False: eager, by setting or fallback)."""
+        return self._update.enabled
 
     # -- acting ------------------------------------------------------------------------
 
-    def _pass_on(self, observation: np.ndarray) -> _Pass:
-        """The pass on `observation`: the one already made, or a new one, for which the
-        observation joins the running statistics (once)."""
-        for known in (self._here, self._ahead):
-            if known is not None and known.observation is observation:
-                return known
-        if observation.dtype.kind == "f" and not np.isfinite(observation).all():
+    def _logits(self, observation: np.ndarray, commit: bool) -> torch.Tensor:
+        """The policy head's output on `observation`; an observation not seen before joins
+        the running statistics, kept when `commit`."""
+        seen = observation is self._seen
+        if seen and self._next_logits is not None:
+            return self._next_logits
+        if not seen and not _finite(observation):
             raise NonFiniteError("observation is not finite")  # before the statistics see it
-        obs = _batch(observation)
-        self.net.preprocess.observe(obs)
-        return _Pass(observation, self.net.preprocess(obs))
-
-    def has_seen(self, observation: np.ndarray) -> bool:
-        """True when `observation` already joined the running statistics (as the s' of the
-        last update) and the next act() on it will reuse its network input."""
-        return self._here is not None and self._here.observation is observation
-
-    def resume_on(self, observation: np.ndarray, seen: bool) -> None:
-        """After load_state_dict, the observation the agent stands on. When the saved
-        learner had seen it, its network input is rebuilt (same statistics, same values)
-        without counting it again, so the next act() computes what it would have."""
-        resumed_copy, self._resumed_copy = self._resumed_copy, None
-        if seen:
-            with torch.no_grad():
-                self._here = _Pass(observation, self.net.preprocess(_batch(observation)))
-            if resumed_copy is not None and self._copies:  # the kept pass, made again
-                copy = self._copies[0]
-                copy.flat.copy_(resumed_copy)
-                self._keep(self._here, *copy.heads(self._here.inputs), copy, self.updates - 1)
-
-    def stand_on(self, observation: np.ndarray) -> torch.Tensor:
-        """The forward pass on s with its graph, kept for the update on s; returns the
-        logits. A pass kept by the last update (reuse_next_pass) serves once; a second act
-        on the same s (after a refused update) makes a fresh one."""
-        here = self._here = self._pass_on(observation)
-        if here.kept:
-            here.kept = False
-            return here.logits
-        here.logits, here.value = self.net.heads(here.inputs)
-        here.on = None
-        here.updates = self.updates
-        return here.logits
+        logits, stats = self._act(self.state.params, self.state.observations,
+                                  _batch(observation), seen)
+        if commit and not seen:
+            self.state = self.state._replace(observations=stats)
+            self._seen = observation
+        return logits
 
     def act(self, observation: np.ndarray) -> int:
-        """Sample an action for s; keeps the forward pass for the update on s."""
-        return self._sample(self.stand_on(observation))
+        """Sample an action for s."""
+        return Categorical.sample(self._logits(observation, commit=True), self.rng)
+
+    def stand_on(self, observation: np.ndarray) -> None:
+        """s joins the running statistics now, as the agent stands on it, for a loop
+        that picks the action on s' before the update on s (act_ahead)."""
+        if observation is not self._seen:
+            self._logits(observation, commit=True)
 
     def act_ahead(self, next_observation: np.ndarray) -> int:
         """Sample the action for s' *before* the update on (s, a, r, s'): the policy that
-        acts lags the learner by one update, so the stream can step on another core while
-        the update runs. The pass also gives the V(s') of that update. With
-        reuse_next_pass it is the pass that update keeps (with its graph, on a weight
-        copy), made now instead of inside the update: the same numbers, the same draws."""
-        ahead = self._ahead = self._pass_on(next_observation)
-        if self._copies:
-            copy = self._free_copy()
-            copy.take()
-            ahead.logits, ahead.value = copy.heads(ahead.inputs)
-            ahead.on = copy
-        else:
-            with torch.no_grad():
-                ahead.logits, ahead.value = self.net.heads(ahead.inputs)
-        ahead.updates = self.updates
-        return self._sample(ahead.logits)
+        acts lags the learner by one update, so the stream can step meanwhile. The
+        update still normalises s with the statistics before s' and counts s' itself."""
+        return Categorical.sample(self._logits(next_observation, commit=False), self.rng)
 
-    def _free_copy(self) -> WeightCopy:
-        """reuse_next_pass: the weight copy the standing pass is not on (its graph is still
-        needed by the update on s, and a refused update must leave it intact)."""
-        standing = self._here.on if self._here is not None else None
-        return self._copies[self._copies[0] is standing]
+    def has_seen(self, observation: np.ndarray) -> bool:
+        """True when `observation` already joined the running statistics (as the s' of the
+        last update), so the next act() does not count it again."""
+        return observation is self._seen
 
-    def _sample(self, logits: torch.Tensor) -> int:
-        """Inverse-CDF sampling in Python over a handful of action probabilities: a
-        fraction of torch.multinomial's cost for one draw."""
-        probs = torch.softmax(logits.detach()[0], dim=-1).tolist()
-        u = float(torch.rand((), generator=self.rng)) * sum(probs)
-        cumulative = 0.0
-        for action, p in enumerate(probs):
-            cumulative += p
-            if u < cumulative:
-                return action
-        return len(probs) - 1  # u landed on the rounding error at the top
+    def resume_on(self, observation: np.ndarray, seen: bool) -> None:
+        """After load_state_dict, the observation the agent stands on, and whether the
+        saved learner had counted it (then the next act() does not count it again)."""
+        self._seen = observation if seen else None
+        self._next_logits = None
 
     # -- learning ----------------------------------------------------------------------
 
     def update(self, t: Transition) -> dict[str, float]:
         """One A2C update from one transition; returns its metrics. A NaN/Inf anywhere
         (reward, observation, TD error, gradient, trace) raises NonFiniteError and leaves
-        the learner exactly as it was: everything is computed first, then committed."""
+        the learner exactly as it was: the new state is adopted only when finite."""
         if not math.isfinite(t.reward):
             raise NonFiniteError(f"reward {t.reward!r} is not finite")
-        here = self._here
-        on = None
-        if here is not None and (here.outputs_for(t.observation, self.updates) or (
-                here.on is not None and here.outputs_for(t.observation, self.updates - 1))):
-            # stand_on's pass: same s, same weights; or the kept pass, one update stale
-            logits, value, on = here.logits, here.value, here.on
-        else:
-            logits, value = self.net(_batch(t.observation))
-        next_pass = None if t.terminated else self._pass_on(t.next_observation)
-        seen_before = next_pass is here or next_pass is self._ahead
-        try:
-            metrics = self._learn(t, logits, value, next_pass, on)
-        except NonFiniteError:
-            if next_pass is not None and not seen_before:
-                self.net.preprocess.undo_observe()  # s' joined the statistics above
-            raise
-        self._here, self._ahead = next_pass, None  # the agent now stands on s'
-        return metrics
-
-    def _learn(self, t: Transition, logits: torch.Tensor, value: torch.Tensor,
-               next_pass: _Pass | None, on: WeightCopy | None) -> dict[str, float]:
-        """The TD error, the rule's step and what follows it; raises NonFiniteError
-        before anything is changed. `on`: the weight copy logits and value come from."""
-        done = t.terminated or t.truncated
-        reward, reward_statistics = self._transform_reward(t.reward, done)
-        kept = None
-        if next_pass is None:  # terminated: no bootstrap
-            next_value = 0.0
-        elif next_pass.outputs_for(t.next_observation, self.updates):
-            # act_ahead's pass: same s', same weights (kept with reuse_next_pass)
-            next_value = float(next_pass.value[0].detach())
-            if next_pass.on is not None and not done:
-                kept = (next_pass.logits, next_pass.value, next_pass.on)
-        elif self._copies and not done:
-            # reuse_next_pass: the pass on s' with its graph, on a copy of the weights as
-            # they are now. No graph after a truncation: a reset follows.
-            copy = self._free_copy()
-            copy.take()
-            kept = (*copy.heads(next_pass.inputs), copy)
-            next_value = float(kept[1][0].detach())
-        else:
-            with torch.no_grad():
-                next_value = float(self.net.value(next_pass.inputs))
-        delta = reward + self.config.gamma * next_value - value[0]
-        delta_f = float(delta.detach())
-        if not math.isfinite(delta_f):
-            raise NonFiniteError(f"TD error is not finite (reward {t.reward!r})")
-        log_probs = F.log_softmax(logits[0], dim=-1)
-        entropy = -(log_probs.exp() * log_probs).sum()
-        beta = self.config.entropy_at(self.updates) * math.exp(self.entropy_gain)
-        metrics = self.rule.step(delta_f, log_probs[t.action], entropy, value[0], beta, done,
-                                 on)
-        # The step was taken: nothing can refuse the update any more.
-        if kept is not None:
-            self._keep(next_pass, *kept, self.updates)
-        if reward_statistics is not None:
-            self.reward_scaler.commit(reward_statistics)
+        next_seen = t.next_observation is self._seen
+        if not t.terminated and not next_seen and not _finite(t.next_observation):
+            raise NonFiniteError("observation is not finite")
+        config = self.config
+        floor = config.floor_at(self.updates + 1)
+        scalars = torch.tensor(
+            [t.action, t.reward, t.terminated, t.terminated or t.truncated, next_seen,
+             config.entropy_at(self.updates), math.nan if floor is None else floor],
+            dtype=torch.float64)
+        state, metrics, status, next_logits = self._update(
+            self.state, Step(_batch(t.observation), _batch(t.next_observation), scalars))
+        refusal = int(status)
+        if refusal:
+            raise NonFiniteError(f"{REFUSALS[refusal]} (reward {t.reward!r})")
+        self.state = state
         self.updates += 1
-        entropy_f = float(entropy.detach())
-        self._adapt_entropy_gain(entropy_f)
-        metrics.update(value=float(value[0].detach()), entropy=entropy_f,
-                       reward_scaled=reward, entropy_coeff=beta)
-        return metrics
-
-    @staticmethod
-    def _keep(kept: _Pass, logits: torch.Tensor, value: torch.Tensor, on: WeightCopy,
-              updates: int) -> None:
-        """Keep a pass made on a weight copy for the next act and update."""
-        kept.logits, kept.value, kept.on, kept.updates, kept.kept = logits, value, on, \
-            updates, True
-
-    def _adapt_entropy_gain(self, entropy: float) -> None:
-        """Entropy floor: a dual step on log beta, like SAC's temperature but one-sided
-        (the gain never drops below 0, so above the floor beta is the scheduled one)."""
-        floor = self.config.floor_at(self.updates)
-        if floor is None:
-            return
-        deficit = floor - entropy / self._max_entropy
-        gain = self.entropy_gain + self.config.entropy_floor_rate * deficit
-        self.entropy_gain = min(max(gain, 0.0), _MAX_ENTROPY_GAIN)
-
-    def _transform_reward(self, reward: float, done: bool) -> tuple[float, Any]:
-        """The reward the update uses, and the reward scaler's statistics after it (to be
-        committed once the update is taken; None when the scaler is not used)."""
-        mode = self.config.reward_transform
-        if mode == "scale":
-            return self.reward_scaler.propose(reward, done)
-        if mode == "clip":
-            return max(-1.0, min(1.0, reward)), None
-        return reward, None
+        self._seen = None if t.terminated else t.next_observation
+        self._next_logits = None if t.terminated else next_logits
+        return dict(zip(self._metric_names, metrics.tolist(), strict=True))
 
     def reset_traces(self) -> None:
         """An episode was cut short outside the stream's own ends (a fault): credit must
         not flow across the cut."""
-        self.rule.reset()
-        self._here = self._ahead = None
-        self._resumed_copy = None
+        optimizer = self.state.optimizer
+        if isinstance(optimizer, ObGDState):
+            cleared: ObGDState | AdamState = ObGDState(
+                torch.zeros_like(optimizer.policy_trace), torch.zeros_like(optimizer.value_trace))
+        else:  # Adam's moments are not traces: they stay
+            cleared = optimizer._replace(trace=torch.zeros_like(optimizer.trace))
+        self.state = self.state._replace(optimizer=cleared)
+        self._seen = self._next_logits = None
 
     def parameters_finite(self) -> bool:
         """True when no weight is NaN/Inf (checked before every checkpoint)."""
-        return bool(torch.isfinite(self.net.flat).all())
+        return bool(torch.isfinite(self.state.params).all())
 
-    # -- state -------------------------------------------------------------------------
+    # -- the network and the state -----------------------------------------------------
+
+    @property
+    def net(self) -> ActorCritic:
+        """The network module with the learner's current weights and statistics copied
+        in: what is exported and saved (the update itself never reads it)."""
+        net = self._net
+        with torch.no_grad():
+            weights = self.spec.plan.unflatten(self.state.params)
+            for param, value in zip(net.flat_order(), weights, strict=True):
+                param.copy_(value)
+            stats, norm = self.state.observations, net.preprocess.norm
+            if stats is not None and norm is not None:
+                norm.load_state_dict(
+                    {"count": stats.count, "mean": stats.mean, "m2": stats.m2})
+        return net
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything that makes the next update what it is: weights, optimiser state and
-        traces, normalisers, the action RNG and the update counter; with reuse_next_pass
-        also the weights the kept pass was made on (a graph cannot be saved: resume_on
-        makes it again from them)."""
-        state = {"network": {k: v.clone() for k, v in self.net.state_dict().items()},
-                 "optimizer": self.rule.state_dict(),
-                 "reward_scaler": self.reward_scaler.state_dict(), "rng": self.rng.get_state(),
-                 "updates": self.updates, "entropy_gain": self.entropy_gain}
-        here = self._here
-        if here is not None and here.kept:
-            state["kept_pass_weights"] = here.on.flat.clone()
-        return state
+        """Everything that makes the next update what it is: weights and normaliser
+        statistics (as the network's state dict), optimiser state and traces, the reward
+        scaler, the action RNG and the update counter."""
+        trace, count, mean, m2 = self.state.rewards.tolist()
+        return {"network": {k: v.clone() for k, v in self.net.state_dict().items()},
+                "optimizer": _optimizer_state_dict(self.state.optimizer, self.config),
+                "reward_scaler": {"trace": trace, "count": int(count), "mean": mean,
+                                  "m2": m2},
+                "rng": self.rng.get_state(), "updates": self.updates,
+                "entropy_gain": float(self.state.entropy_gain)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state; raises ValueError if it belongs to a different network."""
+        net = self._net
         try:
-            self.net.load_state_dict(state["network"])
+            net.load_state_dict(state["network"])
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()
             raise ValueError(f"network state does not fit this network: "
                              f"{first[1].strip() if len(first) > 1 else first[0]}") from None
-        self.rule.load_state_dict(state["optimizer"])
-        self.reward_scaler.load_state_dict(state["reward_scaler"])
+        params = network_params(net)
+        fresh = self._initial_state(params)
+        stats = fresh.observations
+        if stats is not None:
+            norm = net.preprocess.norm
+            stats = ObservationStats(norm.count.clone(), norm.mean.clone(), norm.m2.clone())
+        scaler = state["reward_scaler"]
+        rewards = torch.tensor([float(scaler[k]) for k in ("trace", "count", "mean", "m2")],
+                               dtype=torch.float64)
+        optimizer = _load_optimizer(state["optimizer"], fresh.optimizer, self.config, net)
+        self.state = LearnerState(params, optimizer, stats, rewards, torch.tensor(
+            float(state.get("entropy_gain", 0.0)), dtype=torch.float64))
         self.rng.set_state(state["rng"])
         self.updates = int(state["updates"])
-        self.entropy_gain = float(state.get("entropy_gain", 0.0))  # absent before the floor
-        self._here = self._ahead = None
-        self._resumed_copy = state.get("kept_pass_weights")  # used by resume_on
+        self._seen = self._next_logits = None
+
+
+# -- the optimiser's state in checkpoints: flat tensors, as torch.optim keeps them -----------
+
+def _checked(tensor: Any, like: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or tensor.numel() != like.numel():
+        have = tensor.numel() if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{what} has {have} elements, the network {like.numel()}")
+    return tensor.detach().reshape(like.shape).to(like.dtype).clone()
+
+
+def _optimizer_state_dict(optimizer: ObGDState | AdamState, config: AgentConfig
+                          ) -> dict[str, Any]:
+    if isinstance(optimizer, ObGDState):
+        return {"policy": {"trace": optimizer.policy_trace.clone()},
+                "value": {"trace": optimizer.value_trace.clone()}}
+    state: dict[str, Any] = {"adam": {
+        "state": {0: {"step": optimizer.step.clone(), "exp_avg": optimizer.exp_avg.clone(),
+                      "exp_avg_sq": optimizer.exp_avg_sq.clone()}},
+        "param_groups": [{"lr": config.lr, "betas": ADAM_BETAS, "eps": config.adam_eps,
+                          "params": [0]}]}}
+    if config.lambda_ > 0:
+        state["trace"] = optimizer.trace.clone()
+    return state
+
+
+def _load_optimizer(state: dict[str, Any], fresh: ObGDState | AdamState,
+                    config: AgentConfig, net: ActorCritic) -> ObGDState | AdamState:
+    if isinstance(fresh, ObGDState):
+        return ObGDState(_checked(state["policy"]["trace"], fresh.policy_trace, "ObGD trace"),
+                         _checked(state["value"]["trace"], fresh.value_trace, "ObGD trace"))
+    adam = flat_adam_state(state["adam"], net)["state"].get(0)
+    moments = (fresh.exp_avg, fresh.exp_avg_sq, fresh.step)  # saved before the first step
+    if adam is not None:
+        moments = (_checked(adam["exp_avg"], fresh.exp_avg, "Adam state"),
+                   _checked(adam["exp_avg_sq"], fresh.exp_avg_sq, "Adam state"),
+                   torch.as_tensor(adam["step"], dtype=torch.float32).clone().reshape(()))
+    trace = fresh.trace
+    if config.lambda_ > 0:
+        if state.get("trace") is None:
+            raise ValueError("optimizer state has no Adam(lambda) trace for this network "
+                             "(saved with another lambda?)")
+        trace = _checked(state["trace"], fresh.trace, "Adam(lambda) trace")
+    return AdamState(trace, *moments)

@@ -28,16 +28,6 @@ class Preprocess(nn.Module):
         x = obs.float()
         return x * self.scale if self.scale != 1.0 else x
 
-    def observe(self, obs: torch.Tensor) -> None:
-        """Add one observation (batch of one) to the running statistics."""
-        if self.norm is not None:
-            self.norm.update(self.scaled(obs)[0])
-
-    def undo_observe(self) -> None:
-        """Take the last observed observation back out of the statistics."""
-        if self.norm is not None:
-            self.norm.undo()
-
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = self.scaled(obs)
         return self.norm(x) if self.norm is not None else x
@@ -140,22 +130,6 @@ class ActorCritic(nn.Module):
         self.shared_trunk = trunk is not None
         self.policy_head = policy_head
         self.value_head = value_head
-        # All parameters live in one buffer ordered policy head | trunk | value head, so
-        # the policy's and the value's parameters are each one contiguous slice (trunk
-        # shared) and an optimiser can update a whole slice with a single tensor op.
-        head = sum(p.numel() for p in policy_head.parameters())
-        trunk_size = sum(p.numel() for p in self.trunk.parameters())
-        self.flat = _flatten_parameters(self.policy_parameters()
-                                        + list(value_head.parameters()))
-        self.policy_flat = self.flat[:head + trunk_size]
-        self.value_flat = self.flat[head:]
-        # Gradients accumulate in place into views of one flat buffer as well: one
-        # backward pass leaves the whole gradient ready for a flat optimiser step.
-        self.flat_grad = torch.zeros_like(self.flat)
-        offset = 0
-        for p in self.policy_parameters() + list(value_head.parameters()):
-            p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.preprocess(obs))
@@ -172,66 +146,12 @@ class ActorCritic(nn.Module):
     def policy(self) -> nn.Module:
         return nn.Sequential(self.preprocess, self.trunk, self.policy_head)
 
-    def policy_parameters(self) -> list[nn.Parameter]:
-        return [*self.policy_head.parameters(), *self.trunk.parameters()]
-
-    def value_parameters(self) -> list[nn.Parameter]:
-        return [*self.trunk.parameters(), *self.value_head.parameters()]
-
-
-
-class WeightCopy:
-    """A copy of a network's weights for a forward pass whose graph must outlive the next
-    in-place update of the weights themselves (which would make its backward raise
-    "modified by an inplace operation"). Its gradients land in the network's flat gradient
-    buffer, exactly where those of the network's own weights do, so an update rule cannot
-    tell the two apart."""
-
-    def __init__(self, net: ActorCritic) -> None:
-        self.net = net
-        self.flat = torch.empty_like(net.flat)
-        copies: dict[nn.Parameter, torch.Tensor] = {}
-        # (the owning module's parameter dict, name, the weight, its copy)
-        self._slots: list[tuple[dict, str, nn.Parameter, torch.Tensor]] = []
-        for module in net.modules():
-            for name, param in module._parameters.items():
-                if param is None:
-                    continue
-                offset = (param.data_ptr() - net.flat.data_ptr()) // net.flat.element_size()
-                copy = self.flat[offset:offset + param.numel()].view_as(param)
-                copy = copy.detach().requires_grad_()  # a leaf of its own
-                copy.grad = param.grad  # a view of net.flat_grad: backward accumulates there
-                copies[param] = copy
-                self._slots.append((module._parameters, name, param, copy))
-        self.policy = [copies[p] for p in net.policy_parameters()]
-        self.value = [copies[p] for p in net.value_parameters()]
-
-    def take(self) -> None:
-        """Copy the network's weights as they are now."""
-        with torch.no_grad():
-            self.flat.copy_(self.net.flat)
-
-    def heads(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """net.heads on the copy, with its graph. The copies are put into the modules'
-        parameter dicts for the call: torch.func.functional_call does the same through
-        its reparametrisation machinery at ~60 us a call, a fifth of a Breakout forward."""
-        for params, name, _, copy in self._slots:
-            params[name] = copy
-        try:
-            return self.net.heads(inputs)
-        finally:
-            for params, name, param, _ in self._slots:
-                params[name] = param
-
-
-def _flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
-    """Re-home the parameters as views of one contiguous buffer; returns the buffer."""
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    offset = 0
-    for p in params:
-        p.data = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat
+    def flat_order(self) -> list[nn.Parameter]:
+        """The weights in the order the learner keeps them: policy head, trunk, value
+        head, so that the policy's weights (head and trunk) and the value's (trunk and
+        head) are each one contiguous run."""
+        return [*self.policy_head.parameters(), *self.trunk.parameters(),
+                *self.value_head.parameters()]
 
 
 # Names networks had before they were named by their shape; still read (configs,

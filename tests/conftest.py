@@ -14,6 +14,11 @@ import pytest
 from tools import device_wheel
 from tools.device_wheel import LEARNER_ONLY
 
+# Every learner in the tests, in this process and in the daemons it starts, runs its update
+# eagerly (agent.compile: auto honours torch's own switch): compiling costs seconds per
+# configuration and the tests use dozens. tests/test_compiled.py turns it back on.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = ["--set", "env.id=CartPole-v1"]
 

@@ -65,7 +65,7 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "agent.reward_transform": (st.sampled_from(["scale", "clip", "none"]), st.just("log")),
     "agent.normalize_observations": (st.booleans(), st.just("yes please")),
     "agent.max_grad_norm": (st.one_of(st.none(), st.floats(0.1, 10)), st.just(-1)),
-    "agent.reuse_next_pass": (st.one_of(st.just("auto"), st.booleans()), st.just("twice")),
+    "agent.compile": (st.one_of(st.just("auto"), st.booleans()), st.just("twice")),
     "checkpoint.every_steps": (st.one_of(st.none(), st.integers(1, 1000)), st.just(0)),
     "checkpoint.every_seconds": (st.one_of(st.none(), st.floats(1, 600)), st.just(0.5)),
     "checkpoint.keep": (st.integers(1, 4), st.just(0)),
@@ -80,7 +80,7 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "seed": (st.integers(0, 2**32 - 1), st.sampled_from([-1, 2**64])),
 }
 INTERACTING = {"env.screen_size", "env.kwargs", "agent.network", "agent.optimizer",
-               "agent.td_error_clip", "agent.reuse_next_pass", "run.overlap_stream",
+               "agent.td_error_clip", "run.overlap_stream",
                "checkpoint.every_steps", "checkpoint.every_seconds",
                "faults.stream_backoff_seconds", "faults.stream_backoff_max_seconds",
                "log.video_every_games"}

@@ -77,10 +77,12 @@ def test_nonfinite_parameters_are_rolled_back_not_saved(run_dir: Path) -> None:
     daemon = Daemon(config, fresh=False)
     daemon.prepare()
     assert daemon.checkpoint()
-    good = daemon.learner.net.flat.clone()
-    daemon.learner.net.flat[5] = float("nan")
+    good = daemon.learner.state.params
+    broken = good.clone()
+    broken[5] = float("nan")
+    daemon.learner.state = daemon.learner.state._replace(params=broken)
     assert not daemon.checkpoint()
-    assert torch.equal(daemon.learner.net.flat, good)
+    assert torch.equal(daemon.learner.state.params, good)
     assert daemon.counters.faults.rollbacks == 1
     assert len(daemon.store.paths()) == 1
 

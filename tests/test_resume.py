@@ -108,11 +108,6 @@ EXACT_CASES = [
      ["env.id=CartPole-v1", "agent.optimizer=adam", "agent.lr=0.001"], 3000, 1337),
     ("cartpole-overlapped-stream", "config.yaml",
      ["env.id=CartPole-v1", "run.overlap_stream=true"], 3000, 1337),
-    ("cartpole-reuse-next-pass", "config.yaml",
-     ["env.id=CartPole-v1", "agent.reuse_next_pass=true"], 3000, 1337),
-    ("cartpole-reuse-next-pass-overlapped", "config.yaml",
-     ["env.id=CartPole-v1", "agent.reuse_next_pass=true", "run.overlap_stream=true"], 3000,
-     1337),
 ]
 
 
@@ -180,12 +175,14 @@ def test_old_checkpoint_without_stream_state_starts_a_new_episode_with_traces_re
     daemon = Daemon(config, fresh=False)
     daemon.prepare()
     try:
-        assert daemon.learner.rule.policy.trace.abs().sum() > 0  # saved mid-episode
+        traces = daemon.learner.state.optimizer
+        assert traces.policy_trace.abs().sum() > 0  # saved mid-episode
         loop = ActingLoop(daemon.learner, daemon.stream, daemon.counters,
                           resume=daemon.resume_state)
         assert "holds no position in the stream" in loop.cut
-        assert not daemon.learner.rule.policy.trace.any()
-        assert not daemon.learner.rule.value.trace.any()
+        traces = daemon.learner.state.optimizer
+        assert not traces.policy_trace.any()
+        assert not traces.value_trace.any()
         loop.close()
     finally:
         daemon.release()

@@ -13,20 +13,17 @@ preprocessing) so machine noise hits all alike:
   daemon-stream ActingLoop + A2CLearner with config.yaml on the stream net (ObGD)
   daemon-default  the default config.yaml as it is (ObGD over the shared trunk of the network
                 `auto` picks for frames; run.overlap_stream and run.stream_process auto)
-  daemon-default-plain  the default with agent.reuse_next_pass, run.overlap_stream and
-                run.stream_process all false: the loop without any of the three
-  daemon-default-reuse  plain, with agent.reuse_next_pass: true (one forward pass per step:
-                the pass on s' keeps its graph for the next action and update)
+  daemon-default-plain  the default with run.overlap_stream and run.stream_process false
+  daemon-default-eager  the default with agent.compile: false (the same update, eagerly)
   daemon-default-onednn-on, -off  the default with run.onednn: on (oneDNN convolutions) or
                 off (torch's own); `auto` picks off for the default's shared-stream network
-  daemon-default-channels-last  the default with the network's input in channels-last format
   *-overlap     the same daemon loops with run.overlap_stream: true on a thread (the stream
                 steps during the update; the acting policy lags by one update)
   daemon-default-process  plain, with run.stream_process: true (the stream in its own
                 process: only the hand-over added)
   daemon-default-process-overlap  ... and run.overlap_stream: true (the stream process steps
                 during the update)
-  daemon-default-all  plain, with reuse_next_pass, stream_process and overlap_stream
+  daemon-default-all  the default with stream_process and overlap_stream
   daemon-default-process-overlap-pinned  process-overlap with the stream process pinned to
                 the last CPU and the learner to the others (os.sched_setaffinity; every
                 other variant runs on all CPUs), as on a device that runs this daemon alone
@@ -65,18 +62,12 @@ ALL_CPUS = frozenset(os.sched_getaffinity(0))
 
 
 def daemon_loop(config_path: Path, overrides: tuple[str, ...] = (),
-                channels_last: bool = False, pinned: bool = False) -> Step:
-    """The exact code path the daemon runs per step; `channels_last` hands the network
-    its input in channels-last memory format (the layers' outputs follow it); `pinned`
-    puts the stream process on the last CPU and the learner on the others."""
+                pinned: bool = False) -> Step:
+    """The exact code path the daemon runs per step; `pinned` puts the stream process on
+    the last CPU and the learner on the others."""
     config = load_config(config_path, list(overrides))
     stream = open_stream(config.env, config.seed, own_process=config.run.stream_process)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
-    if channels_last:
-        preprocess = learner.net.preprocess
-        contiguous_forward = preprocess.forward
-        preprocess.forward = lambda obs: contiguous_forward(obs).contiguous(  # type: ignore[method-assign]
-            memory_format=torch.channels_last)
     loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
     stream_cpu = max(ALL_CPUS)
     if pinned:
@@ -182,13 +173,18 @@ def streamx_loop() -> Step:
     pi, v = net.policy_head, net.value_head
     opt_pi = _ObGDScript(pi.parameters(), kappa=3.0)
     opt_v = _ObGDScript(v.parameters(), kappa=2.0)
-    norm = net.preprocess
+    shape = stream.spec.observation_shape
+    stats = {"count": 0, "mean": torch.zeros(shape), "m2": torch.zeros(shape)}
     state = {"s": stream.reset()}
 
     def prep(obs) -> torch.Tensor:  # the script normalises every observation on arrival
-        x = torch.tensor(obs).unsqueeze(0)
-        norm.observe(x)
-        return norm(x)
+        x = torch.tensor(obs, dtype=torch.float32) / 255.0
+        stats["count"] += 1
+        diff = x - stats["mean"]
+        stats["mean"] += diff / stats["count"]
+        stats["m2"] += diff * (x - stats["mean"])
+        var = stats["m2"] / max(stats["count"] - 1, 1)
+        return ((x - stats["mean"]) / torch.sqrt(var + 1e-8)).unsqueeze(0)
 
     state["x"] = prep(state["s"])
 
@@ -230,12 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_preset, default = ROOT / "presets" / "seed.yaml", ROOT / "config.yaml"
-    # Each variant sets all three of reuse, overlap and process: `auto` would pick for it.
-    plain = ("agent.reuse_next_pass=false", "run.overlap_stream=false",
-             "run.stream_process=false")
+    # Each variant sets both of overlap and process.
+    plain = ("run.overlap_stream=false", "run.stream_process=false")
     overlap, threads = ("run.overlap_stream=true", "run.stream_process=false"), \
         ("run.torch_threads=2",)
-    process, reuse = ("run.stream_process=true",), ("agent.reuse_next_pass=true",)
+    process = ("run.stream_process=true",)
     stream_net = ("agent.network=stream",)
     makers: dict[str, Callable[[], Step]] = {
         "seed-loop": lambda: _baseline(seed_loop(), args.threads),
@@ -250,10 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         "learner-stream": lambda: learner_only(default, stream_net),
         "daemon-default": lambda: daemon_loop(default),
         "daemon-default-plain": lambda: daemon_loop(default, plain),
-        "daemon-default-reuse": lambda: daemon_loop(default, plain + reuse),
+        "daemon-default-eager": lambda: daemon_loop(default, plain + ("agent.compile=false",)),
         "daemon-default-onednn-on": lambda: daemon_loop(default, ("run.onednn=on",)),
         "daemon-default-onednn-off": lambda: daemon_loop(default, ("run.onednn=off",)),
-        "daemon-default-channels-last": lambda: daemon_loop(default, channels_last=True),
         "daemon-default-overlap": lambda: daemon_loop(default, plain + overlap),
         "daemon-default-process": lambda: daemon_loop(default, plain + process),
         "daemon-default-process-overlap": lambda: daemon_loop(
@@ -261,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "daemon-default-process-overlap-pinned": lambda: daemon_loop(
             default, plain + process + ("run.overlap_stream=true",), pinned=True),
         "daemon-default-all": lambda: daemon_loop(
-            default, reuse + process + ("run.overlap_stream=true",))}
+            default, process + ("run.overlap_stream=true",))}
     unknown = set(args.only or ()) - set(makers)
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)} (known: {', '.join(makers)})")
@@ -297,12 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                                                          "daemon-stream"),
         "ratio_learner_alone_over_seed_loop (shared-conv net)": ratio("learner-seed", "seed-loop"),
         "ratio_default_over_plain (default)": ratio("daemon-default", "daemon-default-plain"),
-        "ratio_reuse_next_pass_over_plain (default)": ratio("daemon-default-reuse",
-                                                            "daemon-default-plain"),
+        "ratio_compiled_over_eager (default)": ratio("daemon-default-plain",
+                                                     "daemon-default-eager"),
         "ratio_onednn_on_over_off (default)": ratio("daemon-default-onednn-on",
                                                     "daemon-default-onednn-off"),
-        "ratio_channels_last_over_daemon (default)": ratio("daemon-default-channels-last",
-                                                           "daemon-default"),
         "ratio_overlap_over_plain (default)": ratio("daemon-default-overlap",
                                                     "daemon-default-plain"),
         "ratio_stream_process_over_plain (default)": ratio("daemon-default-process",

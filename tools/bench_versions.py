@@ -1,12 +1,14 @@
 """Steps/s of the daemon's loop at two commits, side by side: is a change any slower?
 
     python tools/bench_versions.py --base REV [--rounds 4] [--blocks 3] [--block-steps 300]
-        [--set KEY=VALUE ...]
+        [--learner-only] [--set KEY=VALUE ...]
 
 REV is checked out into a temporary git worktree. Each round runs the loop of REV and of
 the working tree, one after the other, in fresh processes (`daemon_loop` of each tree's own
 tools/bench_throughput.py, default config.yaml plus the --set lines, Breakout), so the
-noise of a shared machine hits both alike. Prints one JSON object: the median steps/s of
+noise of a shared machine hits both alike. `--learner-only` times `learner_only` instead:
+act and update on recorded frames, no emulator. Start-up (and compiling) is left out:
+each process warms up on 100 steps first. Prints one JSON object: the median steps/s of
 each tree, their ratio (working tree / REV) and the ratio of each round's medians.
 """
 
@@ -31,8 +33,9 @@ sys.path.insert(0, str(tree))
 spec = importlib.util.spec_from_file_location("bench", tree / "tools" / "bench_throughput.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
-blocks, block_steps, overrides = int(sys.argv[1]), int(sys.argv[2]), tuple(sys.argv[3:])
-step = bench.daemon_loop(tree / "config.yaml", overrides)
+blocks, block_steps, loop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+overrides = tuple(sys.argv[4:])
+step = getattr(bench, loop)(tree / "config.yaml", overrides)
 for _ in range(100):  # warm-up: allocator, oneDNN primitive caches
     step()
 rates = []
@@ -45,8 +48,9 @@ print(json.dumps(rates))
 """
 
 
-def rates_in(tree: Path, blocks: int, block_steps: int, overrides: list[str]) -> list[float]:
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(blocks), str(block_steps),
+def rates_in(tree: Path, blocks: int, block_steps: int, loop: str, overrides: list[str]
+             ) -> list[float]:
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(blocks), str(block_steps), loop,
                            *overrides], cwd=tree, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--block-steps", type=int, default=300)
+    parser.add_argument("--learner-only", action="store_true",
+                        help="time the learner on recorded frames, without the emulator")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
@@ -68,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_versions: error: --base {args.base}: {lines[-1]}", file=sys.stderr)
             return 2
         try:
-            rounds = [{name: rates_in(tree, args.blocks, args.block_steps, args.set)
+            loop = "learner_only" if args.learner_only else "daemon_loop"
+            rounds = [{name: rates_in(tree, args.blocks, args.block_steps, loop, args.set)
                        for name, tree in (("base", base_tree), ("current", ROOT))}
                       for _ in range(args.rounds)]
         finally:
@@ -77,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     medians = {name: statistics.median(r for one in rounds for r in one[name])
                for name in ("base", "current")}
     print(json.dumps({
-        "base": args.base, "overrides": args.set,
+        "base": args.base, "loop": "learner only" if args.learner_only else "daemon",
+        "overrides": args.set,
         "steps_per_s_median": {k: round(v, 1) for k, v in medians.items()},
         "ratio_current_over_base": round(medians["current"] / medians["base"], 3),
         "ratio_per_round": [round(statistics.median(one["current"])

@@ -212,6 +212,11 @@ def _yaml_scalar(value: Any, annotation: Any) -> Any:
 # Keys that were renamed (old -> new). A user's config with an old key is refused with
 # the new name; a config stored in an older checkpoint is read with the new one.
 RENAMED = {"log.video_every_episodes": "log.video_every_games"}
+# Keys that were removed, with what replaced them. A user's config naming one is refused
+# with that line; a config stored in an older checkpoint is read without it.
+REMOVED = {"agent.reuse_next_pass": "removed: the learner's update is one pure function "
+                                    "that makes its own passes (agent.compile sets how it "
+                                    "runs); delete the key"}
 _WHY_RENAMED = {"log.video_every_games": "a game is all its lives; an episode ends with "
                                          "each life when env.terminal_on_life_loss is true"}
 
@@ -223,6 +228,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {_yaml_name(f): f for f in dataclasses.fields(cls)}
     for key in data:
+        if f"{prefix}{key}" in REMOVED:
+            raise ConfigError(f"{prefix}{key}: {REMOVED[prefix + key]}")
         if f"{prefix}{key}" in RENAMED:
             new = RENAMED[prefix + key]
             raise ConfigError(f"{prefix}{key}: renamed to {new} ({_WHY_RENAMED[new]})")
@@ -310,4 +317,9 @@ def from_dict(data: dict[str, Any]) -> Config:
         section = data.get(old_section)
         if isinstance(section, dict) and old_key in section:
             data.setdefault(new_section, {})[new_key] = section.pop(old_key)
+    for old in REMOVED:
+        section_name, key = old.split(".")
+        section = data.get(section_name)
+        if isinstance(section, dict):
+            section.pop(key, None)
     return _build(Config, data, "")
