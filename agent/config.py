@@ -62,8 +62,8 @@ def above_or_auto(low: float) -> Check:
 
 # ObGD's bounds (policy, value) for `auto`: stream-x's, except on shared-stream. Its 211k
 # weights make the traces' L1 norm, which the bound divides the step by, large: halved,
-# it left Breakout's 2.3 plateau far sooner (README, Results, Breakout). On the small
-# networks the halved bounds cost Acrobot one seed in ten (README, small control tasks).
+# it left Breakout's 2.3 plateau far sooner (docs/experiments.md). On the small
+# networks the halved bounds cost Acrobot one seed in ten (docs/results.md).
 STREAM_X_KAPPAS = (3.0, 2.0)
 AUTO_KAPPAS = {"shared-stream": (1.5, 1.0)}
 

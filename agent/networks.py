@@ -165,7 +165,7 @@ def resolve_network(name: str, observation_shape: tuple[int, ...]) -> str:
     For frames a shared trunk wins: with ObGD on Breakout a trunk that the critic's denser
     signal shapes for the actor too took off where the separate stream-x towers stayed
     flat to 1M; and stream-x's wider layers in that trunk (shared-stream) kept climbing
-    where the notebook's small one (shared-conv) flattened near 18 (README, Results)."""
+    where the notebook's small one (shared-conv) flattened near 18 (docs/experiments.md)."""
     name = FORMER_NAMES.get(name, name)
     if name != "auto":
         return name

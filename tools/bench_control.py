@@ -13,7 +13,7 @@ both the one given by --max-episode-steps (the public script runs 10,000).
 
     python tools/bench_control.py --summarize docs/runs/control/*.jsonl
 
-prints the table of kept outputs (the figures in the README): per task and time limit,
+prints the table of kept outputs (the figures in docs/results.md): per task and time limit,
 each file's mean over seeds of the mean return within the budget, and its seed count.
 """
 
