@@ -8,15 +8,23 @@
             observation, reward, done = env.step(follower.act(observation))
         follower.reload()                 # between games: a newer verified policy, if any
 
-A background thread reads `latest.json` every `interval` seconds. When it names a policy
-newer than the one playing, the thread checks the entry (runtime.manifest: file name,
-size bound, signature with a key), downloads the file to a temporary file in the cache
-directory, checks its size and SHA-256, loads it (format version, metadata), checks that
-it plays the same stream as the current policy, and runs one forward pass on a real
-observation. Only a policy that passes everything is offered; `reload()` swaps to it
-between games. Anything bad is one log line and the current policy keeps playing: a
-refused policy is remembered (and not fetched again), a source that is down or slow is
-logged when it goes down and when it comes back.
+A device starts from what it trusts: `start()` checks the policy in its cache again (the
+last one it played: entry, signature, SHA-256, model), then looks at the source once; a
+newer policy there that passes every check plays, else the cached one does, whatever the
+source says (down, forged, corrupt, slow, oversized: one log line names what was refused).
+Only when neither exists is it FollowError.
+
+A background thread (a daemon thread) then reads `latest.json` every `interval` seconds.
+When it names a policy newer than the one playing, the thread checks the entry
+(runtime.manifest: file name, size bound, signature with a key), downloads the file to a
+temporary file in the cache directory within a total deadline, checks its size and
+SHA-256, loads it (format version, metadata), checks that it plays the same stream as the
+current policy, and runs one forward pass on a real observation. Only a policy that passes
+everything is offered; `reload()` swaps to it between games. Anything bad is one log line
+and the current policy keeps playing: a refused policy is remembered (and not fetched
+again), a source that is down or slow, or a download that fails, is logged when the
+condition starts and when it ends, not at every look. A partial download never stays in
+the cache; `close()` ends a download in progress at once.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ DEFAULT_MAX_POLICY_BYTES = 64 << 20
 STREAM_KEYS = ("env_id", "observation_shape", "observation_dtype", "num_actions",
                *OPTION_NAMES, "env_kwargs")
 CURRENT = "current.json"
+PARTIAL = ".download-"  # the prefix of a download in progress in the cache
+CLOSE_SECONDS = 2.0  # close() waits this long at most for the watcher
 MAX_REMEMBERED = 1000  # refusals remembered (memory stays bounded whatever is published)
 
 
@@ -102,10 +112,14 @@ class Follower:
         self.played: list[int] = []          # the steps of the policies played, in order
         self.refused: list[dict[str, Any]] = []
         self.source_errors = 0
-        self._refused_keys: set[tuple] = set()
+        self._refused_keys: dict[tuple, str] = {}  # refused entries -> why
         self._reported: set[tuple] = set()
         self._ready: Candidate | None = None
-        self._down: str | None = None        # the source's last error while it is down
+        self._down: str | None = None        # the source's condition while it is down
+        self._fetch_trouble: tuple | None = None  # (step, condition) while downloads fail
+        # Why the last look gave no policy: (kind, step, text), kind "source", "refused" or
+        # "fetch"; None when there was simply nothing newer.
+        self.problem: tuple[str, Any, str] | None = None
         self._probe: np.ndarray | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -118,8 +132,8 @@ class Follower:
         return self.current.policy
 
     @property
-    def step(self) -> int:
-        return self.current.entry.step
+    def step(self) -> int | None:
+        return self.current.entry.step if self.current is not None else None
 
     # The current policy's own attributes, so a Follower plays wherever a Policy does.
     @property
@@ -148,43 +162,69 @@ class Follower:
         return self.current.policy.act(observation, sample=sample, rng=rng)
 
     def start(self, wait: float = 0.0) -> Policy:
-        """The first policy: from the source, else from the cache. With `wait` > 0 the
-        source is asked again (every `interval` seconds, at most 1 s) for up to `wait`
-        seconds: a device may boot before the learner has published anything. Then the
-        background checks begin. Raises FollowError (one line) when there is none."""
+        """The first policy. The cached one (checked again) is what the device trusts; the
+        source is asked once, and a newer policy there that passes every check plays
+        instead. With a verified cached policy the start never waits on the source for
+        more than about twice its timeout (an index read, a download), whatever it says:
+        one log line names what was refused and the cached policy plays. Without one, and
+        with `wait` > 0, the source is asked again (every `interval` seconds, at most 1 s)
+        for up to `wait` seconds: a device may boot before the learner has published
+        anything. Then the background checks begin. Raises FollowError (one line, the real
+        reason) when there is no usable policy anywhere."""
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FollowError(f"cache directory {self.cache}: {exc.strerror or exc}") from None
+        self._remove_partials()  # left by a device that lost power while downloading
+        cached, cache_problem = self._cached()
         deadline = time.monotonic() + wait
         while True:
-            first, problem = self._first()
+            first, problem = self._first(cached)
             if first is not None:
                 break
             left = deadline - time.monotonic()
             if left <= 0:
-                raise FollowError(problem)
-            time.sleep(min(self.interval, 1.0, left))
-        self._swap(first)
+                raise FollowError(f"{problem}; the cache {self.cache} holds no verified "
+                                  f"policy ({cache_problem})")
+            if self._stop.wait(min(self.interval, 1.0, left)):
+                raise FollowError("stopped before any policy was obtained")
+        self._swap(first, cached=first is cached)
         self._thread = threading.Thread(target=self._watch, name="follow", daemon=True)
         self._thread.start()
         return first.policy
 
-    def _first(self) -> tuple[Candidate | None, str]:
-        """(the first policy, or None and why not)."""
-        try:
-            first = self.check(announce=False)  # a failure here is the one error line
-        except SourceError as exc:
-            cached = self._cached()
-            if cached is None:
-                return None, f"no policy could be obtained: {exc}"
-            log.warning("source unreachable (%s): playing the cached policy step %d",
-                        exc, cached.entry.step)
+    def _first(self, cached: Candidate | None) -> tuple[Candidate | None, str]:
+        """(the first policy, or None and why not). With a cached policy the source's is
+        taken only if newer, and its download is bounded by the source's timeout."""
+        known = cached.entry.step if cached is not None else None
+        seconds = min(self.download_seconds, self.source.timeout) if cached else None
+        first = None
+        try:  # a failure here is the one log or error line
+            first = self.check(announce=False, known=known, download_seconds=seconds)
+        except SourceError:
+            pass
+        if self._stop.is_set():
+            return None, "stopped before any policy was obtained"
+        if first is not None:
+            return first, ""
+        kind, step, text = self.problem or ("", None, "")
+        if cached is not None:
+            if kind == "refused":
+                line = f"refused policy step {step} from {self.source}: {text}"
+            elif kind == "fetch":
+                line = f"policy step {step} not fetched from {self.source} ({text})"
+            elif kind == "source":
+                line = f"cannot read {self.source} ({text})"
+            else:  # nothing newer than the cached policy: nothing to say
+                return cached, ""
+            log.warning("%s; playing the cached policy of step %d", line, cached.entry.step)
             return cached, ""
-        if first is None:
-            reason = self.refused[-1]["reason"] if self.refused else "nothing published"
-            return None, f"no usable policy in {self.source}: {reason}"
-        return first, ""
+        if kind == "refused":
+            return None, f"no usable policy in {self.source}: {text}"
+        if kind == "fetch":
+            return None, f"no policy could be obtained: policy step {step} not fetched " \
+                         f"from {self.source} ({text})"
+        return None, f"no policy could be obtained: {text or 'nothing published'}"
 
     def reload(self) -> bool:
         """Swap to the newest verified policy, if one is waiting; call between games."""
@@ -196,9 +236,13 @@ class Follower:
         return True
 
     def close(self) -> None:
+        """Stop the background checks: a download in progress ends at once (its partial
+        file removed); returns within about CLOSE_SECONDS whatever the source does."""
         self._stop.set()
+        self.source.stop()
         if self._thread is not None:
-            self._thread.join(timeout=self.source.timeout + 5)
+            self._thread.join(timeout=CLOSE_SECONDS)
+        self._remove_partials()
 
     def summary(self) -> dict[str, Any]:
         return {"source": str(self.source), "policy_step": self.step,
@@ -212,7 +256,7 @@ class Follower:
             try:
                 candidate = self.check()
             except SourceError:
-                continue  # logged by check; the current policy keeps playing
+                continue  # logged by check; the current policy keeps playing, looking on
             except Exception as exc:  # noqa: BLE001 - following must outlive any surprise
                 log.warning("policy check failed (%s: %s); the current policy keeps playing",
                             type(exc).__name__, exc)
@@ -226,35 +270,53 @@ class Follower:
         steps = [c.entry.step for c in (self.current, ready) if c is not None]
         return max(steps) if steps else -1
 
-    def check(self, announce: bool = True) -> Candidate | None:
-        """One look at latest.json: a verified newer policy, or None (nothing newer, or
-        refused). SourceError when the source cannot be read (logged once per outage).
-        Problems are logged, one line each, unless `announce` is False."""
+    def check(self, announce: bool = True, *, known: int | None = None,
+              download_seconds: float | None = None) -> Candidate | None:
+        """One look at latest.json: a verified policy newer than the one playing (and than
+        `known`), or None (nothing newer, refused, or not fetched; `problem` says which).
+        SourceError when the source cannot be read. A condition (the source down or slow,
+        downloads failing) is logged when it starts and when it ends, a refusal once;
+        unless `announce` is False, which keeps them out of the log (the caller reports)."""
         warn = log.warning if announce else log.debug
+        self.problem = None
         try:
             raw = self.source.read_index()
             data = parse_index(raw)
         except (SourceError, ManifestError) as exc:
+            if self._stop.is_set():
+                raise SourceError("stopped") from None
             self.source_errors += 1
-            if self._down != str(exc):
+            condition = getattr(exc, "condition", str(exc))
+            if self._down != condition:
                 warn("source problem, the current policy keeps playing: %s", exc)
-            self._down = str(exc)
+            self._down = condition
+            self.problem = ("source", None, str(exc))
             raise SourceError(str(exc)) from None
         if self._down is not None:
             log.info("source %s answers again", self.source)
             self._down = None
         step = data.get("step") if isinstance(data, dict) else None
-        if isinstance(step, int) and step <= self._newest_known():
+        newest = max(self._newest_known(), -1 if known is None else known)
+        if isinstance(step, int) and step <= newest:
             return None
         key = (step, data.get("sha256"), data.get("signature")) if isinstance(data, dict) \
             else (None, raw)
         if key in self._refused_keys:
+            self.problem = ("refused", step, self._refused_keys[key])
             return None
         try:
-            return self._verify(data)
+            candidate = self._verify(data, download_seconds or self.download_seconds)
         except (SourceError, OSError) as exc:  # a transfer or disk problem: try again later
+            if self._stop.is_set():
+                return None
             self.source_errors += 1
-            warn("policy step %s not fetched (%s); retrying later", step, exc)
+            text = str(exc) if isinstance(exc, SourceError) else \
+                f"{type(exc).__name__}: {exc.strerror or exc}"
+            condition = (step, getattr(exc, "condition", text))
+            if self._fetch_trouble != condition:
+                warn("policy step %s not fetched (%s); retrying later", step, text)
+            self._fetch_trouble = condition
+            self.problem = ("fetch", step, text)
             return None
         except Refused as exc:
             if len(self._reported) >= MAX_REMEMBERED:  # a source that publishes junk forever
@@ -262,15 +324,24 @@ class Follower:
                 self._refused_keys.clear()
                 del self.refused[:-MAX_REMEMBERED // 10]
             if not exc.retry:
-                self._refused_keys.add(key)
+                self._refused_keys[key] = str(exc)
             if (key, str(exc)) not in self._reported:  # one record and line per refusal
                 self._reported.add((key, str(exc)))
                 name = data.get("file") if isinstance(data, dict) else None
                 self.refused.append({"step": step, "file": name, "reason": str(exc)})
                 warn("refused policy step %s: %s", step, exc)
+            self.problem = ("refused", step, str(exc))
             return None
+        self._downloads_work(step)
+        return candidate
 
-    def _verify(self, data: Any) -> Candidate:
+    def _downloads_work(self, step: Any) -> None:
+        if self._fetch_trouble is not None:
+            log.info("policy step %s downloaded from %s (the download problem is over)",
+                     step, self.source)
+            self._fetch_trouble = None
+
+    def _verify(self, data: Any, download_seconds: float) -> Candidate:
         try:
             entry = parse_entry(data, self.key, self.max_policy_bytes)
         except ManifestError as exc:
@@ -278,9 +349,9 @@ class Follower:
         if self.current is not None and entry.env_id != self.current.entry.env_id:
             raise Refused(f"made for {entry.env_id}, this device plays "
                           f"{self.current.entry.env_id}")
-        tmp = self.cache / f".download-{entry.file}"
+        tmp = self.cache / f"{PARTIAL}{entry.file}"
         try:
-            self.source.download(entry.file, tmp, entry.size, self.download_seconds)
+            self.source.download(entry.file, tmp, entry.size, download_seconds)
             digest = sha256_file(tmp)
             if digest != entry.sha256:
                 raise Refused(f"sha256 {digest[:16]}... does not match the manifest's "
@@ -322,7 +393,7 @@ class Follower:
 
     # -- the cache -----------------------------------------------------------------------------
 
-    def _swap(self, candidate: Candidate) -> None:
+    def _swap(self, candidate: Candidate, cached: bool = False) -> None:
         previous, self.current = self.current, candidate
         self.played.append(candidate.entry.step)
         try:  # what a restart plays while the source is down
@@ -332,17 +403,37 @@ class Follower:
                     old.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("cache %s not updated (%s)", self.cache, exc.strerror or exc)
-        log.info("playing policy step %d (%s%s)", candidate.entry.step, candidate.entry.file,
+        log.info("playing policy step %d (%s%s%s)", candidate.entry.step, candidate.entry.file,
+                 ", from the cache" if cached else "",
                  f", was step {previous.entry.step}" if previous else "")
 
-    def _cached(self) -> Candidate | None:
-        """The policy last played from this cache, checked again as if just downloaded."""
+    def _cached(self) -> tuple[Candidate | None, str]:
+        """(the policy last played from this cache, checked again as if just downloaded:
+        its entry and signature, its SHA-256, the model; or None and why not)."""
         try:
-            data = json.loads((self.cache / CURRENT).read_bytes())
-            entry = parse_entry(data, self.key, self.max_policy_bytes)
-            path = self.cache / entry.file
+            raw = (self.cache / CURRENT).read_bytes()
+        except FileNotFoundError:
+            return None, "nothing cached"
+        except OSError as exc:
+            return None, f"{CURRENT}: {exc.strerror or exc}"
+        try:
+            entry = parse_entry(json.loads(raw), self.key, self.max_policy_bytes)
+        except ValueError as exc:  # not JSON, or a ManifestError
+            return None, f"{CURRENT}: {exc if isinstance(exc, ManifestError) else 'not JSON'}"
+        path = self.cache / entry.file
+        try:
             if sha256_file(path) != entry.sha256:
-                return None
-            return Candidate(entry, self._load(path, entry))
-        except (OSError, ValueError, Refused):
-            return None
+                return None, f"{entry.file} does not match its sha256"
+            return Candidate(entry, self._load(path, entry)), ""
+        except OSError as exc:
+            return None, f"{entry.file}: {exc.strerror or exc}"
+        except Refused as exc:
+            return None, f"{entry.file}: {exc}"
+
+    def _remove_partials(self) -> None:
+        try:
+            for partial in self.cache.glob(f"{PARTIAL}*"):
+                partial.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cache %s: partial downloads not removed (%s)", self.cache,
+                        exc.strerror or exc)

@@ -19,15 +19,22 @@ from runtime.sources import Source
 
 
 class _StopOnSignal:
-    """SIGINT/SIGTERM end play after the current step (then the summary is printed)."""
+    """SIGINT/SIGTERM. Before play (the first policy being fetched, the stream being made)
+    the first one interrupts at once (KeyboardInterrupt, caught by run_follow: a download
+    in progress ends and its partial file is removed); while playing, play ends after the
+    current step. Either way the follower is closed and the summary printed."""
 
     def __init__(self) -> None:
         self.stopped = False
+        self.interrupt = True  # before play
         self._previous = {sig: signal.signal(sig, self._handle)
                           for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, _signum: int, _frame: Any) -> None:
         self.stopped = True
+        if self.interrupt:
+            self.interrupt = False  # once: a second signal only sets the flag
+            raise KeyboardInterrupt
 
     def __call__(self) -> bool:
         return self.stopped
@@ -62,16 +69,21 @@ def run_follow(args: Any) -> dict[str, Any]:
         tally[1] += game_return
         follower.reload()
 
-    stream, stop = None, None
+    stream, stop, summary = None, None, None
     try:
-        follower.start(wait=args.wait)
-        env_id = args.env or follower.metadata["env_id"]
-        stream = make_stream_from_metadata(follower.metadata, env_id, seed=args.seed)
-        check_fits(follower.policy, stream.spec, env_id)
-        stop = _StopOnSignal()
-        summary = play(follower, stream, games=args.games, max_steps=args.max_steps,
-                       sample=args.sample, seed=args.seed, env_id=env_id,
-                       between_games=between_games, should_stop=stop)
+        try:
+            stop = _StopOnSignal()
+            follower.start(wait=args.wait)
+            env_id = args.env or follower.metadata["env_id"]
+            stream = make_stream_from_metadata(follower.metadata, env_id, seed=args.seed)
+            check_fits(follower.policy, stream.spec, env_id)
+            stop.interrupt = False
+        except KeyboardInterrupt:  # SIGINT/SIGTERM before play: nothing played
+            summary = _not_played(follower, args)
+        if summary is None:
+            summary = play(follower, stream, games=args.games, max_steps=args.max_steps,
+                           sample=args.sample, seed=args.seed, env_id=env_id,
+                           between_games=between_games, should_stop=stop)
     finally:
         if stop is not None:
             stop.restore()
@@ -83,3 +95,13 @@ def run_follow(args: Any) -> dict[str, Any]:
         {"step": step, "games": int(games), "mean_return": round(total / games, 3)}
         for step, (games, total) in per_policy.items()]
     return summary
+
+
+def _not_played(follower: Follower, args: Any) -> dict[str, Any]:
+    """The summary of a player stopped before its first step (the keys play() gives)."""
+    playing = follower.current is not None
+    return {"model": follower.path if playing else None,
+            "env_id": args.env or (follower.metadata["env_id"] if playing else None),
+            "returns": [], "mean_return": None, "games": 0, "steps": 0,
+            "latency_us_p50": None, "latency_us_p99": None, "steps_per_s": None,
+            "stopped_before_play": True}

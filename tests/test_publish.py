@@ -81,6 +81,15 @@ def test_the_daemon_publishes_signed_verified_policies(run_dir: Path, tmp_path: 
         assert model.metadata["producer"] == "runtime.daemon"
     with pytest.raises(ManifestError, match="signature"):
         parse_entry(latest, b"x" * 64, max_size=10**8)
+
+    # the publishing counters are part of the run: a resumed daemon goes on from them
+    again = cli("runtime.daemon", "--config", "config.yaml", "--run-dir", str(run_dir),
+                "--max-steps", "3200", *CARTPOLE, "--set", "export.every_steps=1000",
+                "--set", f"export.key_file={key}", "--set", "export.niceness=0", timeout=180)
+    assert again.returncode == 0, again.stderr
+    resumed = json.loads((run_dir / "status.json").read_text())["publishing"]
+    assert (resumed["published"], resumed["last_step"]) == (
+        status["publishing"]["published"], status["publishing"]["last_step"])
     assert "published policy-" in (run_dir / "daemon.log").read_text()
 
 
@@ -144,7 +153,7 @@ def test_a_dead_publisher_process_is_counted_and_replaced(tmp_path: Path) -> Non
         _wait(publisher, 10, lambda: publisher.status()["in_flight_step"] is None)
         assert counters.faults.export_failures == 1
         assert "died" in publisher.status()["last_error"]
-        _wait(publisher, 20, lambda: publisher.published == 1)  # retried, in a new process
+        _wait(publisher, 20, lambda: publisher.counts.published == 1)  # retried, in a new process
         assert publisher.status()["last_step"] == 20 and publisher.last_error is None
     finally:
         publisher.close()

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         "first_handover_ms": round(first_handover_s * 1e3, 1),
         "export_s": _spread(export_s, 2), "first_export_s": round(first_export_s, 2),
         "on_time_with_export_running": round(statistics.median(busy_fraction), 3),
-        "published": publisher.published, "export_failures": counters.faults.export_failures,
+        "published": publisher.counts.published, "export_failures": counters.faults.export_failures,
         "policies": str(work / "policies"),
     }
 

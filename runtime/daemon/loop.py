@@ -66,6 +66,14 @@ class FaultCounts:
 
 
 @dataclass
+class PublishCounts:
+    """Policies published so far (runtime.daemon.publish); kept across restarts."""
+
+    published: int = 0
+    last_step: int | None = None   # the training step of the newest published policy
+
+
+@dataclass
 class Counters:
     """All-time counters; they live in every checkpoint."""
 
@@ -73,6 +81,7 @@ class Counters:
     episodes: int = 0   # learning episodes (a lost life ends one when configured)
     games: int = 0      # whole games
     faults: FaultCounts = field(default_factory=FaultCounts)
+    publishing: PublishCounts = field(default_factory=PublishCounts)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -80,7 +89,9 @@ class Counters:
     @classmethod
     def from_dict(cls, data: dict) -> Counters:
         faults = FaultCounts(**data.get("faults", {}))
-        return cls(int(data["steps"]), int(data["episodes"]), int(data["games"]), faults)
+        publishing = PublishCounts(**data.get("publishing", {}))  # absent in older ones
+        return cls(int(data["steps"]), int(data["episodes"]), int(data["games"]), faults,
+                   publishing)
 
 
 @dataclass

@@ -106,8 +106,13 @@ class Publisher:
         self._results: Any = None
         self._in_flight: tuple[int, float] | None = None  # (step, monotonic start)
         self._next_poll = 0.0
-        self.published = 0
-        self.last_step: int | None = None
+        self.counts = counters.publishing
+        # A checkpoint older than these counters, or one taken before the newest policy
+        # was published (then killed): the policies directory knows at least as much.
+        on_disk = read_manifest(self.directory)
+        if on_disk:
+            self.counts.published = max(self.counts.published, len(on_disk))
+            self.counts.last_step = max(self.counts.last_step or 0, on_disk[-1]["step"])
         self.last_error: str | None = None
 
     # -- the one call per step --------------------------------------------------------------
@@ -169,8 +174,8 @@ class Publisher:
             self._failed(step, result["error"])
             return
         entry = result["entry"]
-        self.published += 1
-        self.last_step = entry["step"]
+        self.counts.published += 1
+        self.counts.last_step = entry["step"]
         self.last_error = None
         log.info("published %s (sha256 %s..., %d bytes, mean return %s of %d recent games, "
                  "max logit diff %.2g) in %.1f s", entry["file"], entry["sha256"][:12],
@@ -188,8 +193,8 @@ class Publisher:
 
     def status(self) -> dict[str, Any]:
         """The `publishing` block of status.json."""
-        return {"enabled": self.trigger.enabled, "published": self.published,
-                "last_step": self.last_step,
+        return {"enabled": self.trigger.enabled, "published": self.counts.published,
+                "last_step": self.counts.last_step,
                 "in_flight_step": self._in_flight[0] if self._in_flight else None,
                 "last_error": self.last_error}
 
