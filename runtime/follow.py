@@ -11,16 +11,24 @@
 A device starts from what it trusts: `start()` checks the policy in its cache again (the
 last one it played: entry, signature, SHA-256, model), then looks at the source once; a
 newer policy there that passes every check plays, else the cached one does, whatever the
-source says (down, forged, corrupt, slow, oversized: one log line names what was refused).
-Only when neither exists is it FollowError.
+source says (down, forged, corrupt, slow, oversized, older: one log line names what was
+refused). Only when neither exists is it FollowError.
+
+Never backwards, unless the learner says so: the cache's `accepted.json` (runtime.manifest
+`Accepted`, replaced atomically at every swap) keeps, across restarts, each run the device
+followed with the highest step it accepted of it. With a key a policy plays only if it is
+newer in the run followed (a higher step; a rollback the learner signed: a higher
+sequence), or the first of a newer run that names itself; a run the device left never
+comes back. Without a key only steps count (a new run waits until it passes the old step).
 
 A background thread (a daemon thread) then reads `latest.json` every `interval` seconds.
-When it names a policy newer than the one playing, the thread checks the entry
-(runtime.manifest: file name, size bound, signature with a key), downloads the file to a
-temporary file in the cache directory within a total deadline, checks its size and
-SHA-256, loads it (format version, metadata), checks that it plays the same stream as the
-current policy, and runs one forward pass on a real observation. Only a policy that passes
-everything is offered; `reload()` swaps to it between games. Anything bad is one log line
+When it names another policy than the one playing, the thread checks the entry
+(runtime.manifest: file name, size bound, signature with a key, newer than what this device
+accepted), downloads the file to a temporary file in the cache directory within a total
+deadline, checks its size and SHA-256, loads it (format version, metadata), checks that it
+plays the same stream as the current policy, and runs one forward pass on a real
+observation. Only a policy that passes everything is offered; `reload()` swaps to it
+between games. Anything bad is one log line
 and the current policy keeps playing: a refused policy is remembered (and not fetched
 again), a source that is down or slow, or a download that fails, is logged when the
 condition starts and when it ends, not at every look. A partial download never stays in
@@ -44,11 +52,14 @@ from runtime.contract import OPTION_NAMES
 from runtime.files import write_atomic
 from runtime.infer import ModelError, Policy
 from runtime.manifest import (
+    ACCEPTED,
+    Accepted,
     Entry,
     ManifestError,
     load_key,
     parse_entry,
     parse_index,
+    run_label,
     sha256_file,
 )
 from runtime.sources import Source, SourceError
@@ -109,6 +120,7 @@ class Follower:
         self.download_seconds = download_seconds
         self.threads = threads
         self.current: Candidate | None = None
+        self.accepted = Accepted()           # read from the cache by start()
         self.played: list[int] = []          # the steps of the policies played, in order
         self.refused: list[dict[str, Any]] = []
         self.source_errors = 0
@@ -176,7 +188,10 @@ class Follower:
         except OSError as exc:
             raise FollowError(f"cache directory {self.cache}: {exc.strerror or exc}") from None
         self._remove_partials()  # left by a device that lost power while downloading
+        self.accepted = self._read_accepted()
         cached, cache_problem = self._cached()
+        if cached is not None:
+            self.accepted = self.accepted.record(cached.entry)
         deadline = time.monotonic() + wait
         while True:
             first, problem = self._first(cached)
@@ -188,7 +203,7 @@ class Follower:
                                   f"policy ({cache_problem})")
             if self._stop.wait(min(self.interval, 1.0, left)):
                 raise FollowError("stopped before any policy was obtained")
-        self._swap(first, cached=first is cached)
+        self._swap(first, cached=first is cached, was=cached)
         self._thread = threading.Thread(target=self._watch, name="follow", daemon=True)
         self._thread.start()
         return first.policy
@@ -196,11 +211,10 @@ class Follower:
     def _first(self, cached: Candidate | None) -> tuple[Candidate | None, str]:
         """(the first policy, or None and why not). With a cached policy the source's is
         taken only if newer, and its download is bounded by the source's timeout."""
-        known = cached.entry.step if cached is not None else None
         seconds = min(self.download_seconds, self.source.timeout) if cached else None
         first = None
         try:  # a failure here is the one log or error line
-            first = self.check(announce=False, known=known, download_seconds=seconds)
+            first = self.check(announce=False, known=cached, download_seconds=seconds)
         except SourceError:
             pass
         if self._stop.is_set():
@@ -228,9 +242,11 @@ class Follower:
 
     def reload(self) -> bool:
         """Swap to the newest verified policy, if one is waiting; call between games."""
-        with self._lock:
+        with self._lock:  # the watcher never sees it neither ready nor accepted
             ready, self._ready = self._ready, None
-        if ready is None or ready.entry.step <= self.step:
+            if ready is not None:
+                self.accepted = self.accepted.record(ready.entry)
+        if ready is None:  # the watcher offers only what `accepted` lets in
             return False
         self._swap(ready)
         return True
@@ -265,15 +281,10 @@ class Follower:
                 with self._lock:
                     self._ready = candidate
 
-    def _newest_known(self) -> int:
-        ready = self._ready
-        steps = [c.entry.step for c in (self.current, ready) if c is not None]
-        return max(steps) if steps else -1
-
-    def check(self, announce: bool = True, *, known: int | None = None,
+    def check(self, announce: bool = True, *, known: Candidate | None = None,
               download_seconds: float | None = None) -> Candidate | None:
         """One look at latest.json: a verified policy newer than the one playing (and than
-        `known`), or None (nothing newer, refused, or not fetched; `problem` says which).
+        `known`), or None (the same, refused, or not fetched; `problem` says which).
         SourceError when the source cannot be read. A condition (the source down or slow,
         downloads failing) is logged when it starts and when it ends, a refusal once;
         unless `announce` is False, which keeps them out of the log (the caller reports)."""
@@ -296,9 +307,9 @@ class Follower:
             log.info("source %s answers again", self.source)
             self._down = None
         step = data.get("step") if isinstance(data, dict) else None
-        newest = max(self._newest_known(), -1 if known is None else known)
-        if isinstance(step, int) and step <= newest:
-            return None
+        if any(c is not None and c.entry.fields == data for c in (self.current, self._ready,
+                                                                  known)):
+            return None  # the policy playing (or waiting to): nothing to say
         key = (step, data.get("sha256"), data.get("signature")) if isinstance(data, dict) \
             else (None, raw)
         if key in self._refused_keys:
@@ -346,6 +357,13 @@ class Follower:
             entry = parse_entry(data, self.key, self.max_policy_bytes)
         except ManifestError as exc:
             raise Refused(str(exc)) from None
+        with self._lock:
+            ready, accepted = self._ready, self.accepted
+        if ready is not None:  # what will play next counts as accepted
+            accepted = accepted.record(ready.entry)
+        why = accepted.refuses(entry, signed=self.key is not None)
+        if why is not None:
+            raise Refused(why)
         if self.current is not None and entry.env_id != self.current.entry.env_id:
             raise Refused(f"made for {entry.env_id}, this device plays "
                           f"{self.current.entry.env_id}")
@@ -393,19 +411,52 @@ class Follower:
 
     # -- the cache -----------------------------------------------------------------------------
 
-    def _swap(self, candidate: Candidate, cached: bool = False) -> None:
+    def _swap(self, candidate: Candidate, cached: bool = False,
+              was: Candidate | None = None) -> None:
+        """Play `candidate` from now on; `was`: the cached policy it replaces at start."""
         previous, self.current = self.current, candidate
-        self.played.append(candidate.entry.step)
-        try:  # what a restart plays while the source is down
-            write_atomic(self.cache / CURRENT, json.dumps(candidate.entry.fields).encode())
+        if previous is None and was is not candidate:
+            previous = was
+        entry = candidate.entry
+        self.played.append(entry.step)
+        self.accepted = self.accepted.record(entry)
+        try:  # what a restart plays while the source is down, and what it never goes below
+            write_atomic(self.cache / CURRENT, json.dumps(entry.fields).encode())
+            write_atomic(self.cache / ACCEPTED, self.accepted.to_json())
+            gone = previous.entry.file if previous is not None else None
             for old in self.cache.glob("policy-*.onnx"):
-                if old.name < candidate.entry.file:  # names sort by step; newer may be ready
+                # Names sort by step; a newer one may be ready. The one played before goes
+                # too (a rollback or a new run plays a lower step).
+                if old.name != entry.file and (old.name < entry.file or old.name == gone):
                     old.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("cache %s not updated (%s)", self.cache, exc.strerror or exc)
-        log.info("playing policy step %d (%s%s%s)", candidate.entry.step, candidate.entry.file,
-                 ", from the cache" if cached else "",
-                 f", was step {previous.entry.step}" if previous else "")
+        notes = [entry.file]
+        if cached:
+            notes.append("from the cache")
+        if entry.replaces is not None:
+            notes.append(f"a rollback by the learner from step {entry.replaces['step']}")
+        elif previous is not None and previous.entry.run != entry.run:
+            notes.append("a new run")
+        if previous is not None:
+            notes.append(f"was step {previous.entry.step}" + (
+                f" of {run_label(previous.entry.run)}" if previous.entry.run != entry.run
+                else ""))
+        of_run = f" of run {entry.run}" if entry.run is not None else ""
+        log.info("playing policy step %d%s (%s)", entry.step, of_run, ", ".join(notes))
+
+    def _read_accepted(self) -> Accepted:
+        """The runs and steps this cache accepted (none when it holds no accepted.json: a
+        cache of a device before run identities starts from its cached policy)."""
+        try:
+            return Accepted.from_json((self.cache / ACCEPTED).read_bytes())
+        except FileNotFoundError:
+            return Accepted()
+        except (OSError, ManifestError) as exc:
+            why = exc if isinstance(exc, ManifestError) else exc.strerror or exc
+            log.warning("%s not read (%s): starting from the cached policy's run and step",
+                        self.cache / ACCEPTED, why)
+            return Accepted()
 
     def _cached(self) -> tuple[Candidate | None, str]:
         """(the policy last played from this cache, checked again as if just downloaded:
@@ -420,6 +471,10 @@ class Follower:
             entry = parse_entry(json.loads(raw), self.key, self.max_policy_bytes)
         except ValueError as exc:  # not JSON, or a ManifestError
             return None, f"{CURRENT}: {exc if isinstance(exc, ManifestError) else 'not JSON'}"
+        if not self.accepted.same_run(entry):  # else what the cache played last is trusted
+            why = self.accepted.refuses(entry, signed=self.key is not None)
+            if why is not None:
+                return None, f"{CURRENT}: policy step {entry.step}: {why}"
         path = self.cache / entry.file
         try:
             if sha256_file(path) != entry.sha256:

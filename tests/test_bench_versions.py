@@ -33,3 +33,15 @@ def test_an_unknown_base_is_one_line_and_exit_2() -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "bench_versions: error: --base no-such-rev: fatal: invalid reference: no-such-rev"]
+
+
+def test_same_numbers_finds_the_working_tree_equal_to_itself() -> None:
+    before = _worktrees()
+    done = subprocess.run([sys.executable, "tools/same_numbers.py", "--base", "HEAD",
+                           "--steps", "60", "--shape", "4", "--actions", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["actions_agree"] == 1.0 and report["first_differing_action"] is None
+    assert report["max_relative_difference_while_agreeing"] == 0.0
+    assert _worktrees() == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import re
 import secrets
 import shutil
 import threading
@@ -21,6 +22,7 @@ from runtime.daemon.export import policy_weights, stream_spec
 from runtime.daemon.publish import PolicyWriter
 from runtime.follow import Follower, FollowError
 from runtime.manifest import (
+    Accepted,
     KeyFileError,
     ManifestError,
     canonical,
@@ -34,6 +36,8 @@ from runtime.sources import Source, SourceError
 from tests.conftest import ROOT
 
 MAX = 10 << 20
+RUN = "0123456789abcdef"
+named = {"run": RUN, "run_started": 1.5, "sequence": 3}  # an entry with a run identity
 
 
 def _writer(base: Path, env_id: str, key: bytes) -> tuple[PolicyWriter, A2CLearner]:
@@ -97,6 +101,14 @@ def test_entries_are_checked_before_anything_is_downloaded(published: dict) -> N
         "not an integer": (_resign(good, key, size="big"), key),
         "not signed": (_resign(good, None), key),
         "does not match the key": ({**good, "step": 100, "mean_return": 1e9}, key),
+        "entry run 'Run-1' is not 8 to 64": (_resign(good, key, run="Run-1"), key),
+        "entry has 'sequence' but no run": (_resign(good, key, sequence=3), key),
+        "run_started 'yesterday' is not a time": (_resign(good, key, run=RUN, sequence=1,
+                                                          run_started="yesterday"), key),
+        "'sequence' is 0, not an integer >= 1": (_resign(good, key, run=RUN, sequence=0,
+                                                         run_started=1.5), key),
+        'replaces {"step": "x"} is not': (_resign(good, key, **named, replaces={"step": "x"}),
+                                          key),
     }
     for needle, (entry, with_key) in cases.items():
         with pytest.raises(ManifestError, match=needle.replace("(", r"\(")):
@@ -104,6 +116,29 @@ def test_entries_are_checked_before_anything_is_downloaded(published: dict) -> N
     with pytest.raises(ManifestError, match="does not match the key"):
         parse_entry(good, b"k" * 64, MAX)
     assert parse_entry(_resign(good, None), None, MAX).step == 100  # no key, no signature
+    rollback = parse_entry(_resign(good, key, **named, replaces={"run": RUN, "step": 300,
+                                                                 "sequence": 2}), key, MAX)
+    assert (rollback.run, rollback.run_started, rollback.sequence, rollback.replaces) == (
+        RUN, 1.5, 3, {"run": RUN, "step": 300, "sequence": 2})
+    assert parse_entry(good, key, MAX).run is None  # published before run identities
+
+
+def test_what_a_device_accepted_is_read_back_or_refused_in_one_line(published: dict) -> None:
+    key = published["key"]
+    older = parse_entry(published["entries"][100], key, MAX)
+    newer = parse_entry(_resign(published["entries"][200], key, **named), key, MAX)
+    state = Accepted().record(older).record(newer)
+    assert Accepted.from_json(state.to_json()).runs == state.runs
+    assert [(r.run, r.step, r.sequence) for r in state.runs] == [(None, 100, None),
+                                                                 (RUN, 200, 3)]
+    assert "was left for run" in state.refuses(older, signed=True)
+    assert state.refuses(older, signed=False).startswith("not newer than step 200")
+    for raw, needle in ((b"[]", "is not {format: 1"), (b"{", "not JSON"),
+                        (b'{"format": 1, "runs": [{"run": "x", "step": 1}]}', "a run that"),
+                        (state.to_json().replace(b'"runs": [', b'"runs": [' + json.dumps(
+                            {"run": RUN, "step": 1}).encode() + b","), "names a run twice")):
+        with pytest.raises(ManifestError, match=re.escape(needle)):
+            Accepted.from_json(raw)
 
 
 def test_key_files(tmp_path: Path) -> None:
@@ -178,7 +213,7 @@ def test_follower_swaps_between_episodes_and_refuses_bad_policies(published: dic
             assert follower.check() is None and needle in follower.refused[-1]["reason"]
         assert len(follower.refused) == len(refusals)  # each refused once, not every look
         assert not (tmp_path / "escape.onnx").exists()
-        assert sorted(p.name for p in cache.iterdir()) == ["current.json",
+        assert sorted(p.name for p in cache.iterdir()) == ["accepted.json", "current.json",
                                                            "policy-000000000200.onnx"]
 
         truncated = dict(entries[300])

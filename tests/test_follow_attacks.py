@@ -2,10 +2,12 @@
 what the device fetches, but holds no key, must not keep it from playing.
 
 Forged, corrupt and oversized policies at start and while playing, servers that drip one
-byte every 0.2 s (the body of latest.json, its headers, a policy file), and SIGINT/SIGTERM
-to a player process while a slow download is in progress. Real HTTP servers on 127.0.0.1,
-timeouts of a second or two. Torch-free: the policies are tiny ONNX graphs made here (a
-linear CartPole actor with the exporter's metadata), signed with the standard library.
+byte every 0.2 s (the body of latest.json, its headers, a policy file), SIGINT/SIGTERM
+to a player process while a slow download is in progress, and genuine entries served again
+to send a device back (an older step of its run, a run it left, an older run). Real HTTP
+servers on 127.0.0.1, timeouts of a second or two. Torch-free: the policies are tiny ONNX
+graphs made here (a linear CartPole actor with the exporter's metadata), signed with the
+standard library.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runtime.contract import StreamOptions
 from runtime.follow import PARTIAL, Follower, FollowError
-from runtime.manifest import load_key, policy_file, sign
+from runtime.manifest import load_key, policy_file, run_fields, sign
 from runtime.sources import Source, SourceError
 from tests.conftest import ROOT, _env
 
@@ -320,7 +322,7 @@ def test_a_device_with_a_cached_policy_starts_whatever_the_source_says(
     assert warnings[0].startswith(kind), warnings[0]
     assert _partials(cache) == []
     assert sorted(p.name for p in cache.iterdir()) == [
-        "current.json", policy_file(100 if attack == "down" else 300)]
+        "accepted.json", "current.json", policy_file(100 if attack == "down" else 300)]
 
 
 @pytest.mark.parametrize("attack", START_ATTACKS)
@@ -368,7 +370,8 @@ def test_a_restart_takes_a_newer_verified_policy_and_never_fetches_the_cached_on
     follower.start()
     follower.close()
     assert follower.step == 200
-    assert sorted(p.name for p in cache.iterdir()) == ["current.json", policy_file(200)]
+    assert sorted(p.name for p in cache.iterdir()) == ["accepted.json", "current.json",
+                                                       policy_file(200)]
 
 
 # -- while playing -----------------------------------------------------------------------------
@@ -404,7 +407,8 @@ def test_forged_corrupt_and_oversized_policies_while_playing(
     finally:
         follower.close()
     assert [r["step"] for r in follower.summary()["refused"]] == [200, 200, 200]
-    assert sorted(p.name for p in cache.iterdir()) == ["current.json", policy_file(300)]
+    assert sorted(p.name for p in cache.iterdir()) == ["accepted.json", "current.json",
+                                                       policy_file(300)]
 
 
 # -- bounded in time ---------------------------------------------------------------------------
@@ -454,7 +458,8 @@ def test_a_slow_drip_is_given_up_by_its_deadline_and_the_watcher_keeps_looking(
         follower.close()
     assert len(_warnings(caplog)) == 1, _warnings(caplog)
     assert _partials(cache) == []
-    assert sorted(p.name for p in cache.iterdir()) == ["current.json", policy_file(300)]
+    assert sorted(p.name for p in cache.iterdir()) == ["accepted.json", "current.json",
+                                                       policy_file(300)]
 
 
 def test_close_ends_a_slow_download_at_once_and_leaves_no_partial_file(
@@ -571,3 +576,172 @@ def test_a_signal_ends_a_player_within_seconds_during_a_slow_download(
     else:
         assert summary["policies_played"] == [] and summary["stopped_before_play"]
     assert _partials(cache) == []
+
+
+# -- never backwards: genuine entries served again ----------------------------------------------
+
+RUN_A = {"id": "a1" * 8, "started": 1_700_000_000.0}
+RUN_B = {"id": "b2" * 8, "started": 1_700_100_000.0}  # a --fresh start after A
+RUN_OLD = {"id": "c3" * 8, "started": 1_600_000_000.0}  # a run before A that the device never saw
+
+
+def run_entry(run: dict, step: int, key: bytes | None, sequence: int | None = None,
+              **changes: object) -> tuple[dict, bytes]:
+    """(the entry a daemon with run identity publishes at `step`, the policy's bytes)."""
+    data = policy_bytes(step)
+    fields = run_fields(run, sequence if sequence is not None else step // 1000 + 1)
+    return entry_for(step, data, key, **fields, **changes), data
+
+
+def _accepted(cache: Path) -> list[dict]:
+    return json.loads((cache / "accepted.json").read_text())["runs"]
+
+
+def test_a_restarted_device_refuses_an_older_genuine_entry_of_its_run(
+        served: Served, key_file: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The cached step 32000 plays; the genuine step 2000 of the same run, now latest.json,
+    is refused in one line, and stays refused without the cached policy too."""
+    key, cache = load_key(key_file), tmp_path / "cache"
+    served.offer(*run_entry(RUN_A, 32000, key))
+    first = _follower(served.url, key_file, cache)
+    first.start()
+    first.close()
+    assert _accepted(cache) == [{"run": RUN_A["id"], "started": RUN_A["started"],
+                                 "step": 32000, "sequence": 33, "rollback": None}]
+    served.offer(*run_entry(RUN_A, 2000, key))
+    caplog.set_level(logging.INFO, logger="runtime.follow")
+    again = _follower(served.url, key_file, cache)
+    try:
+        again.start()
+        assert again.step == 32000 and isinstance(again.act(np.zeros(4, np.float32)), int)
+        assert again.check() is None and again.check() is None  # the watcher: said once
+    finally:
+        again.close()
+    warnings = _warnings(caplog)
+    print("\n".join(warnings))
+    assert warnings == [f"refused policy step 2000 from {served.url}: not newer than step "
+                        f"32000 of its run {RUN_A['id']}, which this device already played; "
+                        f"playing the cached policy of step 32000"]
+    assert again.summary()["refused"][0]["step"] == 2000
+    assert len(served.requests(policy_file(2000))) == 0  # refused before any download
+    assert (cache / "current.json").read_text().count('"step": 32000') == 1
+    # Without its cached policy the device still does not go back: it says why, both ways.
+    (cache / policy_file(32000)).unlink()
+    with pytest.raises(FollowError) as error:
+        _follower(served.url, key_file, cache).start()
+    print(error.value)
+    assert "not newer than step 32000" in str(error.value)
+    assert "holds no verified policy" in str(error.value)
+
+
+def test_a_new_signed_run_is_followed_and_a_run_left_never_comes_back(
+        served: Served, key_file: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    key, cache = load_key(key_file), tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="runtime.follow")
+    served.offer(*run_entry(RUN_A, 32000, key))
+    follower = _follower(served.url, key_file, cache)
+    try:
+        follower.start()
+        served.offer(*run_entry(RUN_B, 2000, key, sequence=1))  # the learner's --fresh
+        follower._ready = follower.check()
+        assert follower.reload() and follower.step == 2000  # no cache clearing
+        refusals = {  # genuine entries, served again
+            "was left for": run_entry(RUN_A, 33000, key),  # a newer step of the run left
+            "an older run": run_entry(RUN_OLD, 90000, key),  # a run before A, never seen
+            "names no run": (entry_for(95000, policy_bytes(95000), key), policy_bytes(95000)),
+        }
+        for needle, (entry, data) in refusals.items():
+            served.offer(entry, data)
+            assert follower.check() is None and needle in follower.refused[-1]["reason"], \
+                follower.refused
+        assert follower.step == 2000
+        served.offer(*run_entry(RUN_B, 3000, key, sequence=2))
+        follower._ready = follower.check()
+        assert follower.reload() and follower.step == 3000
+    finally:
+        follower.close()
+    assert [(r["run"], r["step"]) for r in _accepted(cache)] == [(RUN_A["id"], 32000),
+                                                                (RUN_B["id"], 3000)]
+    # A restart: the run left stays left, whatever the source says.
+    served.offer(*run_entry(RUN_A, 34000, key))
+    again = _follower(served.url, key_file, cache)
+    again.start()
+    again.close()
+    assert again.step == 3000
+    lines = [m for m in (r.getMessage() for r in caplog.records) if "run" in m]
+    print("\n".join(lines))
+    assert f"playing policy step 2000 of run {RUN_B['id']} (policy-000000002000.onnx, a new " \
+           f"run, was step 32000 of run {RUN_A['id']})" in lines
+    assert lines[-2] == (f"refused policy step 34000 from {served.url}: run {RUN_A['id']} was "
+                         f"left for run {RUN_B['id']}: this device never goes back to a run "
+                         f"it left; playing the cached policy of step 3000")
+    assert sorted(p.name for p in cache.iterdir()) == ["accepted.json", "current.json",
+                                                       policy_file(3000)]
+
+
+def test_without_a_key_only_steps_count_as_before_run_identities(
+        served: Served, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Unsigned old-format entries are followed as before; a new run waits for its steps,
+    and a rollback is not followed without a key."""
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="runtime.follow")
+    for step in (100, 200):
+        served.offer(entry_for(step, policy_bytes(step), None), policy_bytes(step))
+        follower = _follower(served.url, None, cache)  # a restart for each
+        follower.start()
+        follower.close()
+        assert follower.step == step
+    assert _accepted(cache) == [{"run": None, "started": None, "step": 200, "sequence": None,
+                                 "rollback": None}]
+    follower = _follower(served.url, None, cache)
+    try:
+        follower.start()
+        served.offer(*run_entry(RUN_B, 150, None, sequence=1))
+        assert follower.check() is None
+        assert follower.refused[-1]["reason"] == ("not newer than step 200, which this "
+                                                  "device already played")
+        served.offer(*run_entry(RUN_A, 120, None, sequence=9,
+                                replaces={"run": RUN_A["id"], "step": 200, "sequence": 8}))
+        assert follower.check() is None
+        assert "(a rollback is followed only with a key)" in follower.refused[-1]["reason"]
+        served.offer(*run_entry(RUN_B, 300, None, sequence=2))
+        follower._ready = follower.check()
+        assert follower.reload() and follower.step == 300
+        served.offer(entry_for(400, policy_bytes(400), None), policy_bytes(400))
+        follower._ready = follower.check()  # steps only: the unnamed run's next step plays
+        assert follower.reload() and follower.step == 400
+    finally:
+        follower.close()
+    assert follower.summary()["policies_played"] == [200, 300, 400]
+    print("\n".join(_warnings(caplog)))
+
+
+def test_a_cache_from_before_run_identities_starts_from_its_policy(
+        served: Served, key_file: Path, tmp_path: Path) -> None:
+    """A cache with no accepted.json (a device updated from before run identities): its
+    cached policy is the step it never goes below; the learner's first named run is taken."""
+    key, cache = load_key(key_file), tmp_path / "cache"
+    _cache_step(served.url, key_file, cache, served, 32000)  # an entry without a run
+    (cache / "accepted.json").unlink()
+    served.offer(entry_for(2000, policy_bytes(2000), key), policy_bytes(2000))
+    follower = _follower(served.url, key_file, cache)
+    follower.start()
+    try:
+        assert follower.step == 32000
+        assert follower.refused[-1]["reason"] == ("not newer than step 32000, which this "
+                                                  "device already played")
+        assert _accepted(cache) == [{"run": None, "started": None, "step": 32000,
+                                     "sequence": None, "rollback": None}]
+        served.offer(*run_entry(RUN_A, 1000, key, sequence=1))  # the learner, updated
+        follower._ready = follower.check()
+        assert follower.reload() and follower.step == 1000
+    finally:
+        follower.close()
+    (cache / "accepted.json").write_text("{not json")  # unreadable: the cache's run counts
+    served.offer(*run_entry(RUN_A, 500, key, sequence=2))
+    again = _follower(served.url, key_file, cache)
+    again.start()
+    again.close()
+    assert again.step == 1000 and "not newer than step 1000" in again.refused[-1]["reason"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import time
@@ -13,13 +14,16 @@ import pytest
 
 import runtime.daemon.export as export_module
 from agent.learner import A2CLearner
+from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.daemon.config import load_config
 from runtime.daemon.export import VerificationError, stream_spec
+from runtime.daemon.lifecycle import Daemon
 from runtime.daemon.loop import Counters
 from runtime.daemon.publish import PolicyWriter, Publisher
+from runtime.daemon.rollback import rollback
 from runtime.daemon.triggers import Every
 from runtime.infer import Policy
-from runtime.manifest import ManifestError, parse_entry, sha256_file
+from runtime.manifest import ManifestError, new_run, parse_entry, sha256_file
 from tests.conftest import CARTPOLE, ROOT, cli
 
 
@@ -82,6 +86,13 @@ def test_the_daemon_publishes_signed_verified_policies(run_dir: Path, tmp_path: 
     with pytest.raises(ManifestError, match="signature"):
         parse_entry(latest, b"x" * 64, max_size=10**8)
 
+    # the run identity: made at the fresh start, in every entry and checkpoint
+    run = read_checkpoint(CheckpointStore(run_dir / "checkpoints", 3).paths()[0])["run"]
+    assert re.fullmatch(r"[0-9a-f]{16}", run["id"]) and run["started"] > 0
+    assert [(e["run"], e["run_started"]) for e in manifest] == [(run["id"], run["started"])] \
+        * len(manifest)
+    assert [e["sequence"] for e in manifest] == list(range(1, len(manifest) + 1))
+
     # the publishing counters are part of the run: a resumed daemon goes on from them
     again = cli("runtime.daemon", "--config", "config.yaml", "--run-dir", str(run_dir),
                 "--max-steps", "3200", *CARTPOLE, "--set", "export.every_steps=1000",
@@ -91,6 +102,19 @@ def test_the_daemon_publishes_signed_verified_policies(run_dir: Path, tmp_path: 
     assert (resumed["published"], resumed["last_step"]) == (
         status["publishing"]["published"], status["publishing"]["last_step"])
     assert "published policy-" in (run_dir / "daemon.log").read_text()
+    # ... and so does its run identity; --fresh makes a new one
+    resumed_run = read_checkpoint(CheckpointStore(run_dir / "checkpoints", 3).paths()[0])["run"]
+    assert resumed_run == run and f"run {run['id']} goes on" in again.stderr
+    config = load_config(ROOT / "config.yaml", ["env.id=CartPole-v1", f"run.dir={run_dir}",
+                                                f"export.key_file={key}"])
+    fresh = Daemon(config, fresh=True)
+    try:
+        fresh.prepare()
+    finally:
+        fresh.release()
+    made = fresh.run_identity
+    assert re.fullmatch(r"[0-9a-f]{16}", made["id"]) and made["id"] != run["id"]
+    assert made["started"] > run["started"] and fresh.publisher.run == made
 
 
 def test_a_failed_export_is_counted_and_learning_goes_on(run_dir: Path) -> None:
@@ -125,11 +149,29 @@ def test_the_writer_keeps_the_newest_and_never_publishes_a_failed_check(
     assert sorted(p.name for p in policies.iterdir()) == ["latest.json", "manifest.json", *files]
     assert json.loads((policies / "latest.json").read_text())["step"] == 300
     monkeypatch.undo()
-    again = PolicyWriter(config, spec, policies, key=None, keep=2)  # a restarted daemon
+    # A restarted daemon, now with a run identity and a key: its entries name their run.
+    run, key = new_run(), secrets.token_hex(32).encode()
+    again = PolicyWriter(config, spec, policies, key=key, keep=2, run=run)
     assert [e["step"] for e in again.entries] == [200, 300]
-    again.publish(_job(learner, 500))
-    assert [e["step"] for e in json.loads((policies / "manifest.json").read_text())[
-        "policies"]] == [300, 500]
+    entry = again.publish(_job(learner, 500))
+    assert (entry["run"], entry["run_started"], entry["sequence"]) == (run["id"],
+                                                                       run["started"], 1)
+    assert parse_entry(entry, key, max_size=10**8).run == run["id"]
+    assert [e["step"] for e in _kept(policies)] == [300, 500]
+    # A rollback (the daemon stopped) is the newest entry; the daemon goes on after it.
+    assert rollback(tmp_path, 300, key)["sequence"] == 2
+    assert [(e["step"], e.get("sequence")) for e in _kept(policies)] == [(300, None), (500, 1),
+                                                                     (300, 2)]
+    third = PolicyWriter(config, spec, policies, key=key, keep=2, run=run)
+    assert third.publish(_job(learner, 600))["sequence"] == 3
+    assert [(e["step"], e.get("sequence")) for e in _kept(policies)] == [(300, 2), (600, 3)]
+    assert json.loads((policies / "latest.json").read_text())["step"] == 600
+    assert sorted(p.name for p in policies.glob("policy-*.onnx")) == [
+        "policy-000000000300.onnx", "policy-000000000600.onnx"]
+
+
+def _kept(policies: Path) -> list[dict]:
+    return json.loads((policies / "manifest.json").read_text())["policies"]
 
 
 def _wait(publisher: Publisher, step: int, until, timeout: float = 120) -> None:  # noqa: ANN001

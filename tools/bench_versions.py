@@ -15,11 +15,13 @@ each tree, their ratio (working tree / REV) and the ratio of each round's median
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tools import ROOT
@@ -27,6 +29,7 @@ from tools import ROOT
 # Run inside each tree (cwd): its own code, its own benchmark's daemon_loop.
 _PROBE = """
 import importlib.util, json, sys, time
+from collections.abc import Iterator
 from pathlib import Path
 tree = Path.cwd()
 sys.path.insert(0, str(tree))
@@ -48,6 +51,24 @@ print(json.dumps(rates))
 """
 
 
+@contextlib.contextmanager
+def worktree(rev: str, path: Path, tool: str) -> Iterator[Path | None]:
+    """REV checked out at `path` as a temporary git worktree, removed afterwards; None
+    (after one line on stderr) when git cannot check it out."""
+    added = subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=ROOT,
+                           capture_output=True, text=True)
+    if added.returncode != 0:
+        lines = added.stderr.strip().splitlines() or ["git worktree add failed"]
+        print(f"{tool}: error: --base {rev}: {lines[-1]}", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT,
+                       check=False, capture_output=True)
+
+
 def rates_in(tree: Path, blocks: int, block_steps: int, loop: str, overrides: list[str]
              ) -> list[float]:
     done = subprocess.run([sys.executable, "-c", _PROBE, str(blocks), str(block_steps), loop,
@@ -65,22 +86,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="time the learner on recorded frames, without the emulator")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch:
-        base_tree = Path(scratch) / "base"
-        added = subprocess.run(["git", "worktree", "add", "--detach", str(base_tree),
-                                args.base], cwd=ROOT, capture_output=True, text=True)
-        if added.returncode != 0:
-            lines = added.stderr.strip().splitlines() or ["git worktree add failed"]
-            print(f"bench_versions: error: --base {args.base}: {lines[-1]}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as scratch, \
+            worktree(args.base, Path(scratch) / "base", "bench_versions") as base_tree:
+        if base_tree is None:
             return 2
-        try:
-            loop = "learner_only" if args.learner_only else "daemon_loop"
-            rounds = [{name: rates_in(tree, args.blocks, args.block_steps, loop, args.set)
-                       for name, tree in (("base", base_tree), ("current", ROOT))}
-                      for _ in range(args.rounds)]
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)],
-                           cwd=ROOT, check=False, capture_output=True)
+        loop = "learner_only" if args.learner_only else "daemon_loop"
+        rounds = [{name: rates_in(tree, args.blocks, args.block_steps, loop, args.set)
+                   for name, tree in (("base", base_tree), ("current", ROOT))}
+                  for _ in range(args.rounds)]
     medians = {name: statistics.median(r for one in rounds for r in one[name])
                for name in ("base", "current")}
     print(json.dumps({

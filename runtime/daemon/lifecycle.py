@@ -32,6 +32,7 @@ from runtime.daemon.supervision import StreamSupervisor
 from runtime.daemon.tensorboard import TensorBoardLog
 from runtime.daemon.triggers import Every
 from runtime.files import write_atomic
+from runtime.manifest import checked_run, new_run
 from runtime.metrics import MetricsLog
 from runtime.sdnotify import Notifier
 from runtime.streams import Stream, StreamError, is_atari_id
@@ -72,6 +73,9 @@ class Daemon:
         self.loop: ActingLoop | None = None
         # The saved position in the stream when resuming (None: a new run).
         self.resume_state: dict[str, Any] | None = None
+        # The run identity ({"id", "started"}) published policies name: made when the run
+        # directory starts fresh, kept in every checkpoint (runtime.manifest.new_run).
+        self.run_identity: dict[str, Any] | None = None
         self._log_handlers: list[logging.Handler] = []
         self._lock: RunDirLock | None = None
 
@@ -107,6 +111,7 @@ class Daemon:
             log.info("no checkpoint in %s: starting fresh", self.store.directory)
         else:
             self._restore(*found)
+        self._identify(found[0] if found is not None and not self.fresh else None)
         try:
             for line in set_aside_after(self.run_dir, self.counters.steps):
                 log.warning("%s", line)
@@ -114,7 +119,8 @@ class Daemon:
             raise UsageError(f"run.dir: cannot set aside what was written after the "
                              f"checkpoint ({exc})") from None
         self.publisher = Publisher(self.config, self.run_dir, self.learner, self._spec(),
-                                   self.counters, fresh=self.fresh, key=key)
+                                   self.counters, fresh=self.fresh, key=key,
+                                   run=self.run_identity)
         self.tensorboard = None
         if self.config.log.tensorboard:
             try:
@@ -126,6 +132,21 @@ class Daemon:
         resolved = yaml.safe_dump(to_dict(self.config), sort_keys=False)
         write_atomic(self.run_dir / "config.yaml", resolved.encode())
         log.info("resolved config:\n%s", resolved.rstrip())
+
+    def _identify(self, resumed: dict[str, Any] | None) -> None:
+        """The run identity: the checkpoint's when resuming, else a new one (a fresh start,
+        or a checkpoint written before run identities)."""
+        self.run_identity = checked_run(resumed.get("run")) if resumed is not None else None
+        if self.run_identity is not None:
+            log.info("run %s goes on", self.run_identity["id"])
+            return
+        self.run_identity = new_run()
+        if resumed is None:
+            log.info("run %s begins: its policies name it, and devices that follow with a "
+                     "key take it as a new run", self.run_identity["id"])
+        else:
+            log.info("the checkpoint names no run (written before run identities): this is "
+                     "run %s from now on", self.run_identity["id"])
 
     def _check_fits_stream(self) -> None:
         """What the config asks of the stream it made (UsageError naming the key)."""
@@ -331,7 +352,7 @@ class Daemon:
         loop = self.loop.state_dict(stream_usable) if self.loop is not None else None
         payload = {"learner": self.learner.state_dict(), "counters": self.counters.as_dict(),
                    "loop": loop, "config": to_dict(self.config), "spec": self._spec(),
-                   "created_at": time.time()}
+                   "run": self.run_identity, "created_at": time.time()}
         try:
             path = self.store.save(payload, self.counters.steps)
         except OSError as exc:

@@ -11,7 +11,10 @@ and parity with the torch actor on real stream frames), and only then publishes 
     policies/manifest.json        every kept entry, oldest first (runtime.manifest)
     policies/latest.json          the newest entry alone, what devices poll
 
-both JSON files replaced atomically, the newest `export.keep` kept. One export at a time:
+both JSON files replaced atomically, the newest `export.keep` kept, in the order they were
+published (a rollback, runtime.daemon.rollback, is the newest entry though its step is
+not). Each entry names the run (`run`, `run_started`: the daemon's run identity, kept in
+its checkpoints) and its `sequence` in the directory's publishing order. One export at a time:
 a due publish waits while one runs. A failed export (or a crashed or hung publisher
 process) is logged, counted in status.json (faults.export_failures) and retried at the
 next interval; nothing here can stop learning.
@@ -20,7 +23,6 @@ next interval; nothing here can stop learning.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -58,10 +60,13 @@ from runtime.manifest import (
     LATEST,
     MANIFEST,
     KeyFileError,
-    ManifestError,
+    index_bytes,
     load_key,
-    parse_index,
+    manifest_bytes,
+    next_sequence,
     policy_file,
+    read_manifest,
+    run_fields,
     sha256_file,
     sign,
 )
@@ -85,10 +90,12 @@ class Publisher:
 
     def __init__(self, config: Config, run_dir: Path, learner: A2CLearner,
                  spec: dict[str, Any], counters: Counters, fresh: bool = False,
-                 key: bytes | None = None) -> None:
-        """`key`: export_key(config), read before anything else starts."""
+                 key: bytes | None = None, run: dict[str, Any] | None = None) -> None:
+        """`key`: export_key(config), read before anything else starts; `run`: the run
+        identity entries name (runtime.manifest.new_run; None: entries without one)."""
         export = config.export
         self.config = config
+        self.run = run
         self.learner = learner
         self.spec = spec
         self.counters = counters
@@ -148,7 +155,7 @@ class Publisher:
         export = self.config.export
         setup = {"config": to_dict(self.config), "spec": self.spec,
                  "directory": str(self.directory), "key": self.key, "keep": export.keep,
-                 "niceness": export.niceness, "parent": os.getpid()}
+                 "niceness": export.niceness, "parent": os.getpid(), "run": self.run}
         self._jobs, self._results = self._context.Queue(), self._context.Queue()
         self._worker = self._context.Process(target=serve, args=(setup, self._jobs,
                                                                  self._results),
@@ -177,9 +184,11 @@ class Publisher:
         self.counts.published += 1
         self.counts.last_step = entry["step"]
         self.last_error = None
-        log.info("published %s (sha256 %s..., %d bytes, mean return %s of %d recent games, "
-                 "max logit diff %.2g) in %.1f s", entry["file"], entry["sha256"][:12],
-                 entry["size"], entry["mean_return"], entry["recent_games"],
+        log.info("published %s (%ssha256 %s..., %d bytes, mean return %s of %d recent "
+                 "games, max logit diff %.2g) in %.1f s", entry["file"],
+                 f"run {entry['run']} sequence {entry['sequence']}, " if "run" in entry else "",
+                 entry["sha256"][:12], entry["size"], entry["mean_return"],
+                 entry["recent_games"],
                  entry["parity"]["max_abs_logit_diff"], now - started)
 
     def _failed(self, step: int, why: str) -> None:
@@ -262,8 +271,11 @@ class PolicyWriter:
     """Exports, verifies and publishes weight snapshots into the policies directory."""
 
     def __init__(self, config: Config, spec: dict[str, Any], directory: Path,
-                 key: bytes | None, keep: int) -> None:
+                 key: bytes | None, keep: int, run: dict[str, Any] | None = None) -> None:
+        """`run`: the run identity every entry names (None: entries as daemons before run
+        identities wrote them)."""
         self.config = config
+        self.run = run
         self.spec = spec
         self.directory = directory
         self.key = key
@@ -282,7 +294,7 @@ class PolicyWriter:
     @classmethod
     def from_setup(cls, setup: dict[str, Any]) -> PolicyWriter:
         return cls(from_dict(setup["config"]), setup["spec"], Path(setup["directory"]),
-                   setup["key"], setup["keep"])
+                   setup["key"], setup["keep"], setup.get("run"))
 
     def _metadata(self, step: int) -> dict[str, str]:
         return build_metadata(self.config, self.stream_spec, step, self.spec["network"],
@@ -311,12 +323,14 @@ class PolicyWriter:
                  "mean_return": round(sum(returns) / len(returns), 4) if returns else None,
                  "recent_games": len(returns), "parity": parity,
                  "created_at": round(float(job["created_at"]), 3)}
+        if self.run is not None:
+            entry.update(run_fields(self.run, next_sequence(self.entries)))
         if self.key is not None:
             entry = sign(entry, self.key)
-        kept = sorted([e for e in self.entries if e.get("step") != step] + [entry],
-                      key=lambda e: e["step"])[-self.keep:]
-        write_atomic(self.directory / MANIFEST, _json({"format": FORMAT, "policies": kept}))
-        write_atomic(self.directory / LATEST, _json(kept[-1]))
+        # In publishing order: the newest is what devices poll, whatever its step.
+        kept = ([e for e in self.entries if e.get("step") != step] + [entry])[-self.keep:]
+        write_atomic(self.directory / MANIFEST, manifest_bytes(kept))
+        write_atomic(self.directory / LATEST, index_bytes(entry))
         self.entries = kept
         names = {e["file"] for e in kept}
         for old in self.directory.glob("policy-*.onnx"):
@@ -324,20 +338,3 @@ class PolicyWriter:
                 old.unlink(missing_ok=True)  # after the manifest stopped naming it
         return entry
 
-
-def read_manifest(directory: Path) -> list[dict[str, Any]]:
-    """The kept entries of an earlier run of this directory ([] when none or unreadable)."""
-    path = directory / MANIFEST
-    try:
-        data = parse_index(path.read_bytes(), MANIFEST)
-    except (OSError, ManifestError):
-        return []
-    entries = data.get("policies") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        return []
-    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("step"), int)
-            and isinstance(e.get("file"), str) and (directory / e["file"]).is_file()]
-
-
-def _json(data: Any) -> bytes:
-    return (json.dumps(data, indent=1) + "\n").encode()
