@@ -26,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
+import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,11 +62,18 @@ def policy_file(step: int) -> str:
 
 
 def load_key(path: str | Path) -> bytes:
-    """The shared secret: the key file's text, surrounding whitespace stripped."""
+    """The shared secret: the key file's text, surrounding whitespace stripped. Whoever can
+    read it can sign policies every device accepts, so a file that group or others may
+    read is refused."""
     try:
+        mode = Path(path).stat().st_mode
         key = Path(path).read_bytes().strip()
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path} ({exc.strerror or exc})") from None
+    if os.name == "posix" and mode & 0o077:
+        raise KeyFileError(f"key file {path} may be read by group or others (mode "
+                           f"{stat.S_IMODE(mode):o}): anyone who reads it can sign "
+                           f"policies; chmod 600 {path}")
     if len(key) < MIN_KEY_CHARS:
         raise KeyFileError(f"key file {path} holds {len(key)} characters, fewer than "
                            f"{MIN_KEY_CHARS} (make one with: python -c 'import secrets; "

@@ -69,6 +69,10 @@ def _daemon_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     a_file.write_text("")
     short_key = tmp / "short.key"
     short_key.write_text("abc\n")
+    short_key.chmod(0o600)
+    open_key = tmp / "open.key"
+    open_key.write_text("0" * 64 + "\n")
+    open_key.chmod(0o644)
     daemon = ["-m", "runtime.daemon"]
     base = [*daemon, "--config", "config.yaml", "--run-dir", str(tmp / "run")]
     cases = [(name, [*base, *sum((["--set", s] for s in sets), [])], text)
@@ -87,6 +91,8 @@ def _daemon_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
          "export.key_file: cannot read key file"),
         ("short key file", [*base, "--set", f"export.key_file={short_key}"],
          "export.key_file: key file"),
+        ("key file others may read", [*base, "--set", f"export.key_file={open_key}"],
+         "may be read by group or others (mode 644)"),
     ]
 
 

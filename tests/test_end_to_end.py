@@ -143,6 +143,7 @@ def test_a_torch_free_device_follows_the_learning_daemon(device_venv: dict,
                                                          tmp_path: Path) -> None:
     key_file = tmp_path / "policy.key"
     key_file.write_text(secrets.token_hex(32) + "\n")
+    key_file.chmod(0o600)
     key = load_key(key_file)
     acrobot = _acrobot_policy(tmp_path / "acrobot")
     policies = tmp_path / "run" / "policies"

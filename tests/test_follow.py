@@ -56,6 +56,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("published")
     key_file = base / "policy.key"
     key_file.write_text(secrets.token_hex(32) + "\n")
+    key_file.chmod(0o600)
     key = load_key(key_file)
     writer, learner = _writer(base / "cartpole", "CartPole-v1", key)
     entries = {}
@@ -145,10 +146,19 @@ def test_key_files(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="cannot read key file"):
         load_key(tmp_path / "none")
     (tmp_path / "short").write_text("0123\n")
+    (tmp_path / "short").chmod(0o600)
     with pytest.raises(KeyFileError, match="secrets.token_hex"):
         load_key(tmp_path / "short")
-    (tmp_path / "good").write_text(" " + "ab" * 32 + "\n")
-    assert load_key(tmp_path / "good") == b"ab" * 32
+    good = tmp_path / "good"
+    good.write_text(" " + "ab" * 32 + "\n")
+    for mode in (0o644, 0o640, 0o604):  # anyone beside the owner who can read it can sign
+        good.chmod(mode)
+        with pytest.raises(KeyFileError, match=f"group or others \\(mode {mode:o}\\)"):
+            load_key(good)
+    good.chmod(0o600)
+    assert load_key(good) == b"ab" * 32
+    good.chmod(0o400)
+    assert load_key(good) == b"ab" * 32
 
 
 def test_a_directory_source_never_reads_outside_itself(tmp_path: Path) -> None:

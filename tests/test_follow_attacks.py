@@ -88,6 +88,7 @@ def entry_for(step: int, data: bytes, key: bytes | None, **changes: object) -> d
 def key_file(tmp_path: Path) -> Path:
     path = tmp_path / "policy.key"
     path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(0o600)
     return path
 
 

@@ -59,6 +59,7 @@ def test_every_is_due_at_multiples_or_by_time_and_stays_due() -> None:
 def test_the_daemon_publishes_signed_verified_policies(run_dir: Path, tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text(secrets.token_hex(32) + "\n")
+    key.chmod(0o600)
     done = cli("runtime.daemon", "--config", "config.yaml", "--run-dir", str(run_dir),
                "--max-steps", "3000", *CARTPOLE, "--set", "export.every_steps=1000",
                "--set", f"export.key_file={key}", "--set", "export.niceness=0", timeout=180)

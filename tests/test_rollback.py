@@ -37,6 +37,7 @@ STEPS = (1000, 2000, 3000, 4000)
 def key_file(tmp_path: Path) -> Path:
     path = tmp_path / "policy.key"
     path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(0o600)
     return path
 
 
@@ -219,6 +220,7 @@ def test_bad_input_is_one_line_and_exit_2(key_file: Path, tmp_path: Path,
     for step in STEPS[:3]:
         publish(run_dir, key, step)
     (tmp_path / "short.key").write_text("0123\n")
+    (tmp_path / "short.key").chmod(0o600)
     before = (run_dir / "policies" / "latest.json").read_bytes()
     run, good = ["--run-dir", str(run_dir)], ["--key", str(key_file)]
     cases = {
