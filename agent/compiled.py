@@ -17,15 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch._dynamo
-
-log = logging.getLogger(__name__)
-
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) \
     / "stream-agent-runtime" / "torchinductor"
-# Before anything imports inductor, which settles its cache directory on first use.
+# Before torch._dynamo is imported: importing it settles inductor's cache directory.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def c_compiler() -> str | None:

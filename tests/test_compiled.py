@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,3 +154,15 @@ def test_the_removed_reuse_next_pass_is_refused_and_dropped_from_old_checkpoints
         load_config(ROOT / "config.yaml", ["agent.reuse_next_pass=true"])
     stored = {"agent": {"reuse_next_pass": "auto"}}
     assert from_dict(stored).agent.compile == "auto"
+
+
+def test_inductor_caches_under_the_users_cache_directory(tmp_path: Path) -> None:
+    """Not /tmp, which a reboot may clear: a restarted daemon loads its compiled graphs."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    script = ("import os, agent.learner, runtime.daemon.command, torch._inductor.config\n"
+              "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
+              "print(cache_dir())")
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    assert Path(out) == tmp_path / "stream-agent-runtime" / "torchinductor"

@@ -33,14 +33,6 @@ from tests.test_follow_attacks import RUN_A, entry_for, policy_bytes
 STEPS = (1000, 2000, 3000, 4000)
 
 
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "policy.key"
-    path.write_text(secrets.token_hex(32) + "\n")
-    path.chmod(0o600)
-    return path
-
-
 def publish(run_dir: Path, key: bytes | None, step: int, run: dict | None = RUN_A) -> dict:
     """What the daemon's publisher does for `step`: the file, the entry (the next sequence
     of the run, signed), manifest.json and latest.json."""
