@@ -123,9 +123,9 @@ class A2CLearner:
 
     # -- acting ------------------------------------------------------------------------
 
-    def _logits(self, observation: np.ndarray, commit: bool) -> torch.Tensor:
+    def _logits(self, observation: np.ndarray) -> torch.Tensor:
         """The policy head's output on `observation`; an observation not seen before joins
-        the running statistics, kept when `commit`."""
+        the running statistics."""
         seen = observation is self._seen
         if seen and self._next_logits is not None:
             return self._next_logits
@@ -133,26 +133,14 @@ class A2CLearner:
             raise NonFiniteError("observation is not finite")  # before the statistics see it
         logits, stats = self._act(self.state.params, self.state.observations,
                                   _batch(observation), seen)
-        if commit and not seen:
+        if not seen:
             self.state = self.state._replace(observations=stats)
             self._seen = observation
         return logits
 
     def act(self, observation: np.ndarray) -> int:
         """Sample an action for s."""
-        return Categorical.sample(self._logits(observation, commit=True), self.rng)
-
-    def stand_on(self, observation: np.ndarray) -> None:
-        """s joins the running statistics now, as the agent stands on it, for a loop
-        that picks the action on s' before the update on s (act_ahead)."""
-        if observation is not self._seen:
-            self._logits(observation, commit=True)
-
-    def act_ahead(self, next_observation: np.ndarray) -> int:
-        """Sample the action for s' *before* the update on (s, a, r, s'): the policy that
-        acts lags the learner by one update, so the stream can step meanwhile. The
-        update still normalises s with the statistics before s' and counts s' itself."""
-        return Categorical.sample(self._logits(next_observation, commit=False), self.rng)
+        return Categorical.sample(self._logits(observation), self.rng)
 
     def has_seen(self, observation: np.ndarray) -> bool:
         """True when `observation` already joined the running statistics (as the s' of the

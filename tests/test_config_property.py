@@ -69,7 +69,6 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "checkpoint.every_steps": (st.one_of(st.none(), st.integers(1, 1000)), st.just(0)),
     "checkpoint.every_seconds": (st.one_of(st.none(), st.floats(1, 600)), st.just(0.5)),
     "checkpoint.keep": (st.integers(1, 4), st.just(0)),
-    "run.overlap_stream": (st.booleans(), st.just("sometimes")),
     "run.onednn": (st.sampled_from(["auto", "on", "off"]), st.just("fast")),
     "log.video_every_games": (st.integers(0, 2), st.just(-1)),
     "log.level": (st.sampled_from(["INFO", "WARNING"]), st.just("LOUD")),
@@ -80,7 +79,7 @@ KEYS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "seed": (st.integers(0, 2**32 - 1), st.sampled_from([-1, 2**64])),
 }
 INTERACTING = {"env.screen_size", "env.kwargs", "agent.network", "agent.optimizer",
-               "agent.td_error_clip", "run.overlap_stream",
+               "agent.td_error_clip",
                "checkpoint.every_steps", "checkpoint.every_seconds",
                "faults.stream_backoff_seconds", "faults.stream_backoff_max_seconds",
                "log.video_every_games"}

@@ -63,10 +63,8 @@ def test_nonfinite_inputs_and_updates_are_skipped(run_dir: Path, kwargs: str,
                if t.is_floating_point())
 
 
-@pytest.mark.parametrize("overlap", ["false", "true"])
-def test_nonfinite_update_can_roll_back(run_dir: Path, overlap: str) -> None:
-    done = _run(run_dir, "env.kwargs={huge_reward_at: [120]}", "faults.on_nonfinite=rollback",
-                f"run.overlap_stream={overlap}")
+def test_nonfinite_update_can_roll_back(run_dir: Path) -> None:
+    done = _run(run_dir, "env.kwargs={huge_reward_at: [120]}", "faults.on_nonfinite=rollback")
     assert done.returncode == 0, done.stderr
     assert _status(run_dir)["faults"]["rollbacks"] == 1
     assert "rolled back the learner to ckpt-000000000100.pt" in done.stderr
@@ -87,9 +85,8 @@ def test_nonfinite_parameters_are_rolled_back_not_saved(run_dir: Path) -> None:
     assert len(daemon.store.paths()) == 1
 
 
-@pytest.mark.parametrize("overlap", ["false", "true"])
-def test_stream_that_raises_is_recreated(run_dir: Path, overlap: str) -> None:
-    done = _run(run_dir, "env.kwargs={raise_step_at: [100, 250]}", f"run.overlap_stream={overlap}")
+def test_stream_that_raises_is_recreated(run_dir: Path) -> None:
+    done = _run(run_dir, "env.kwargs={raise_step_at: [100, 250]}")
     assert done.returncode == 0, done.stderr
     assert _status(run_dir)["faults"]["stream_failures"] == 2
     assert "recreating it in" in done.stderr

@@ -16,8 +16,6 @@ from agent.distributions import Categorical
 from agent.functional import network_params
 from agent.learner import A2CLearner, Transition
 from runtime.daemon.config import load_config
-from tests.conftest import ROOT
-from tools import bench_cartpole
 
 PLAIN = AgentConfig(network="mlp", hidden_size=16, normalize_observations=False,
                     reward_transform="none", compile=False)
@@ -133,23 +131,6 @@ def test_td_error_clip_bounds_the_step_like_a_huber_loss() -> None:
     assert norms[0.1] == pytest.approx(norms[None] * 0.1 / delta, rel=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["obgd", "adam"])
-def test_acting_ahead_leaves_the_update_exactly_as_it_was(optimizer: str) -> None:
-    """act_ahead samples a' before the update (the policy lags by one update), but the
-    update itself still takes V(s') from the current parameters."""
-    config = dataclasses.replace(PLAIN, optimizer=optimizer,
-                                 lambda_=0.0 if optimizer == "adam" else 0.8)
-    plain, ahead = A2CLearner(config, (3,), 2, seed=6), A2CLearner(config, (3,), 2, seed=6)
-    for step in range(3):
-        s, s2 = (S, S2) if step % 2 == 0 else (S2, S)
-        a = plain.act(s)
-        ahead.stand_on(s)
-        ahead.act_ahead(s2)
-        t = Transition(s, a, 1.0, s2, False, False)
-        assert plain.update(t)["td_error"] == ahead.update(t)["td_error"]
-    assert torch.equal(plain.state.params, ahead.state.params)
-
-
 def test_actions_are_drawn_with_the_policy_probabilities() -> None:
     generator = torch.Generator().manual_seed(0)
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
@@ -243,13 +224,6 @@ def test_it_learns_cartpole_with_the_default_settings() -> None:
             nxt = env.reset()[0].astype(np.float32)
         obs = nxt
     assert np.mean(returns[-20:]) >= 150, returns[-20:]
-
-
-def test_it_still_learns_cartpole_with_the_stream_overlapped() -> None:
-    """run.overlap_stream (the policy lags one update) through the daemon's own loop.
-    Measured (tools/bench_cartpole.py --set run.overlap_stream=true): seed 0 reaches 451."""
-    assert bench_cartpole.last_20_mean(str(ROOT / "config.yaml"), ["run.overlap_stream=true"],
-                                       seed=0, steps=20_000) >= 150
 
 
 def test_adam_state_saved_per_tensor_is_re_laid_into_the_flat_order() -> None:

@@ -106,8 +106,6 @@ EXACT_CASES = [
     ("cartpole-obgd", "config.yaml", ["env.id=CartPole-v1"], 3000, 1337),
     ("cartpole-adam-lambda", "config.yaml",
      ["env.id=CartPole-v1", "agent.optimizer=adam", "agent.lr=0.001"], 3000, 1337),
-    ("cartpole-overlapped-stream", "config.yaml",
-     ["env.id=CartPole-v1", "run.overlap_stream=true"], 3000, 1337),
 ]
 
 
@@ -121,12 +119,12 @@ def test_sigterm_mid_game_then_restart_is_bit_identical_to_never_stopping(
     stopped_at = read_checkpoint(CheckpointStore(tmp_path / "run" / "checkpoints", 3)
                                  .paths()[0])
     k = stopped_at["counters"]["steps"]
-    assert stop - 1 <= k <= stop  # the step in progress finished (overlap: one ahead)
+    assert stop - 1 <= k <= stop  # the step in progress finished
     assert stopped_at["loop"]["tally"]["length"] > 0, "the stop should land mid-game"
     assert stopped_at["loop"]["stream"] is not None
     second = run_in_process(tmp_path / "run", base, sets, steps)
     assert first + second == reference  # actions, rewards, ends, observations, resets
-    assert sum(len(s) == 5 for s in reference) >= steps  # (+1 in flight when overlapped)
+    assert sum(len(s) == 5 for s in reference) >= steps
     assert_same_run_state(checkpoint_at(tmp_path / "run", steps),
                           checkpoint_at(tmp_path / "reference", steps))
     resumed = records(tmp_path / "run")
@@ -165,6 +163,32 @@ def _strip_stream_position(run_dir: Path, step: int) -> None:
     path.write_bytes(encode(payload))
 
 
+def test_a_step_in_flight_saved_by_the_removed_overlapped_loop_starts_a_new_episode(
+        tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    sets = ["env.id=CartPole-v1"]
+    run_in_process(run_dir, "config.yaml", sets, 240)
+    path = run_dir / "checkpoints" / f"ckpt-{240:012d}.pt"
+    payload = read_checkpoint(path)
+    loop_state = payload["loop"]
+    loop_state["in_flight"] = {"action": 1, "observation": loop_state["observation"],
+                               "reward": 1.0, "terminated": False, "truncated": False,
+                               "game_over": False}
+    path.write_bytes(encode(payload))
+    config = load_config(ROOT / "config.yaml", [*sets, f"run.dir={run_dir}"])
+    daemon = Daemon(config, fresh=False)
+    daemon.prepare()
+    try:
+        loop = ActingLoop(daemon.learner, daemon.stream, daemon.counters,
+                          resume=daemon.resume_state)
+        assert loop.cut is not None and "run.overlap_stream, since removed" in loop.cut
+        assert not daemon.learner.state.optimizer.policy_trace.any()
+        loop.step()  # it learns on from the new episode
+        assert daemon.counters.steps == 241
+    finally:
+        daemon.release()
+
+
 def test_old_checkpoint_without_stream_state_starts_a_new_episode_with_traces_reset(
         tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -183,7 +207,6 @@ def test_old_checkpoint_without_stream_state_starts_a_new_episode_with_traces_re
         traces = daemon.learner.state.optimizer
         assert not traces.policy_trace.any()
         assert not traces.value_trace.any()
-        loop.close()
     finally:
         daemon.release()
     second = run_in_process(run_dir, "config.yaml", sets, 400)

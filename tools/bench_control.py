@@ -39,16 +39,16 @@ def daemon_returns(config_path: str, overrides: list[str], env_id: str, seed: in
     limit = [] if max_episode_steps is None else [
         f"env.kwargs={{max_episode_steps: {max_episode_steps}}}"]
     config = load_config(config_path, [f"env.id={env_id}", f"seed={seed}", *limit, *overrides])
-    stream = open_stream(config.env, seed, own_process=config.run.stream_process)
+    stream = open_stream(config.env, seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions,
                          seed=seed)
-    loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
+    loop = ActingLoop(learner, stream, Counters())
     returns = []
     for _ in range(steps):
         game = loop.step()
         if game is not None:
             returns.append(game.game_return)
-    loop.close()
+    stream.close()
     return returns
 
 

@@ -6,20 +6,16 @@ What an embedded agent acting on a clock cares about, under its own learning loa
 
 Runs the daemon's own loop (runtime.daemon.loop.ActingLoop + A2CLearner, config.yaml plus
 the --set lines, one learner update per step) and times, per step, the decision latency:
-from the stream handing over an observation to the action on it. In the plain loop that
-includes the update on the transition into it; with run.overlap_stream the action is
-chosen first (act_ahead, one update stale) and the update runs while the stream steps.
-Prints one JSON object: decision latency and step time p50/p99/max in microseconds,
-steps/s, and CPU milliseconds per step (process time, all threads, and the stream
-process's where it has one) beside wall time. With a stream process a reading counts as
-arrived when the child had it, so the time it waits for the learner is in the latency.
+from the stream handing over an observation to the action on it, which includes the
+update on the transition into it. Prints one JSON object: decision latency and step time
+p50/p99/max in microseconds, steps/s, and CPU milliseconds per step (process time, all
+threads) beside wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +26,6 @@ from agent.learner import A2CLearner
 from runtime.daemon.config import load_config
 from runtime.daemon.lifecycle import configure_torch
 from runtime.daemon.loop import ActingLoop, Counters
-from runtime.sensor_process import PendingStep, ProcessStream
 from runtime.streams import open_stream
 from tools import ROOT
 
@@ -42,16 +37,6 @@ def percentiles_us(samples_ns: list[int]) -> dict[str, float]:
             "max": round(float(values.max()), 1)}
 
 
-def child_cpu_s(stream: object) -> float:
-    """CPU seconds the stream process has used (0 for a stream in this process), from
-    /proc: the child is not waited for, so os.times() does not count it."""
-    if not isinstance(stream, ProcessStream):
-        return 0.0
-    with open(f"/proc/{stream.pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3000)
@@ -60,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     config = load_config(ROOT / "config.yaml", [f"env.id={args.env}", *args.set])
-    stream = open_stream(config.env, config.seed, own_process=config.run.stream_process)
+    stream = open_stream(config.env, config.seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions,
                          seed=config.seed)
     configure_torch(config, learner.network_name)
-    loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
+    loop = ActingLoop(learner, stream, Counters())
     decisions: list[int] = []
     arrived = {"at": 0}  # when the stream last handed over an observation
     stream_step, stream_reset = stream.step, stream.reset
@@ -87,47 +72,26 @@ def main(argv: list[str] | None = None) -> int:
         return decide
 
     # The loop looks these up on each call: timing wrappers on the instances.
-    if isinstance(stream, ProcessStream):
-        # A reading from the stream process arrived when the child had it (it may then wait
-        # for the learner's update to end): step() goes through submit() too.
-        submit = stream.submit
-
-        def timed_submit(action: int) -> PendingStep:
-            pending = submit(action)
-            collect = pending.result
-
-            def timed_result() -> tuple:
-                outcome = collect()
-                arrived["at"] = pending.ready_ns
-                return outcome
-            pending.result = timed_result  # type: ignore[method-assign]
-            return pending
-        stream.submit = timed_submit  # type: ignore[method-assign]
-    else:
-        stream.step = timed_step  # type: ignore[method-assign]
+    stream.step = timed_step  # type: ignore[method-assign]
     stream.reset = timed_reset  # type: ignore[method-assign]
     learner.act = timed(learner.act)  # type: ignore[method-assign]
-    learner.act_ahead = timed(learner.act_ahead)  # type: ignore[method-assign]
     for _ in range(args.warmup):
         loop.step()
     decisions.clear()
     steps: list[int] = []
-    cpu0, child0, wall0 = time.process_time(), child_cpu_s(stream), time.perf_counter()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(args.steps):
         start = time.perf_counter_ns()
         loop.step()
         steps.append(time.perf_counter_ns() - start)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    child = child_cpu_s(stream) - child0
-    loop.close()
     stream.close()
     print(json.dumps({
         "env": args.env, "overrides": args.set, "steps": args.steps,
         "decision_latency_us": percentiles_us(decisions),
         "step_time_us": percentiles_us(steps),
         "steps_per_s": round(args.steps / wall, 1),
-        "cpu_ms_per_step": round(1e3 * (cpu + child) / args.steps, 3),
-        "stream_process_cpu_ms_per_step": round(1e3 * child / args.steps, 3),
+        "cpu_ms_per_step": round(1e3 * cpu / args.steps, 3),
         "wall_ms_per_step": round(1e3 * wall / args.steps, 3),
     }))
     return 0

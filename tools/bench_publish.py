@@ -143,7 +143,6 @@ def run(args: argparse.Namespace) -> dict:
             steps_s[mode].extend(durations)
     finally:
         publisher.close()
-        loop.close()
         stream.close()
     return {
         "env": args.env, "network": learner.network_name, "blocks_per_mode": args.blocks,

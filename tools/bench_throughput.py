@@ -12,21 +12,10 @@ preprocessing) so machine noise hits all alike:
                 forwards, two backward passes, ObGD with per-parameter Python loops and .item()
   daemon-stream ActingLoop + A2CLearner with config.yaml on the stream net (ObGD)
   daemon-default  the default config.yaml as it is (ObGD over the shared trunk of the network
-                `auto` picks for frames; run.overlap_stream and run.stream_process auto)
-  daemon-default-plain  the default with run.overlap_stream and run.stream_process false
+                `auto` picks for frames, the update compiled)
   daemon-default-eager  the default with agent.compile: false (the same update, eagerly)
   daemon-default-onednn-on, -off  the default with run.onednn: on (oneDNN convolutions) or
                 off (torch's own); `auto` picks off for the default's shared-stream network
-  *-overlap     the same daemon loops with run.overlap_stream: true on a thread (the stream
-                steps during the update; the acting policy lags by one update)
-  daemon-default-process  plain, with run.stream_process: true (the stream in its own
-                process: only the hand-over added)
-  daemon-default-process-overlap  ... and run.overlap_stream: true (the stream process steps
-                during the update)
-  daemon-default-all  the default with stream_process and overlap_stream
-  daemon-default-process-overlap-pinned  process-overlap with the stream process pinned to
-                the last CPU and the learner to the others (os.sched_setaffinity; every
-                other variant runs on all CPUs), as on a device that runs this daemon alone
   *-2threads    the same daemon loops with run.torch_threads: 2 (both cores for the update)
   learner-*     the learner alone on recorded frames, no emulator: the ceiling of any loop
 Prints one JSON object: steps/s per variant (median, min, max over blocks) and the ratios
@@ -37,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -58,25 +46,15 @@ from tools import ROOT
 Step = Callable[[], None]
 
 
-ALL_CPUS = frozenset(os.sched_getaffinity(0))
-
-
-def daemon_loop(config_path: Path, overrides: tuple[str, ...] = (),
-                pinned: bool = False) -> Step:
-    """The exact code path the daemon runs per step; `pinned` puts the stream process on
-    the last CPU and the learner on the others."""
+def daemon_loop(config_path: Path, overrides: tuple[str, ...] = ()) -> Step:
+    """The exact code path the daemon runs per step."""
     config = load_config(config_path, list(overrides))
-    stream = open_stream(config.env, config.seed, own_process=config.run.stream_process)
+    stream = open_stream(config.env, config.seed)
     learner = A2CLearner(config.agent, stream.spec.observation_shape, stream.spec.num_actions)
-    loop = ActingLoop(learner, stream, Counters(), overlap=config.run.overlap_stream)
-    stream_cpu = max(ALL_CPUS)
-    if pinned:
-        os.sched_setaffinity(stream.pid, {stream_cpu})
+    loop = ActingLoop(learner, stream, Counters())
 
     def step() -> None:
         configure_torch(config, learner.network_name)  # as the daemon sets it (~1 us)
-        if pinned:  # a syscall of ~1 us; main() gives the others all CPUs back
-            os.sched_setaffinity(0, ALL_CPUS - {stream_cpu})
         loop.step()
     return step
 
@@ -226,48 +204,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_preset, default = ROOT / "presets" / "seed.yaml", ROOT / "config.yaml"
-    # Each variant sets both of overlap and process.
-    plain = ("run.overlap_stream=false", "run.stream_process=false")
-    overlap, threads = ("run.overlap_stream=true", "run.stream_process=false"), \
-        ("run.torch_threads=2",)
-    process = ("run.stream_process=true",)
+    threads = ("run.torch_threads=2",)
     stream_net = ("agent.network=stream",)
     makers: dict[str, Callable[[], Step]] = {
         "seed-loop": lambda: _baseline(seed_loop(), args.threads),
-        "daemon-seed": lambda: daemon_loop(seed_preset, plain),
-        "daemon-seed-overlap": lambda: daemon_loop(seed_preset, plain + overlap),
-        "daemon-seed-2threads": lambda: daemon_loop(seed_preset, plain + threads),
+        "daemon-seed": lambda: daemon_loop(seed_preset),
+        "daemon-seed-2threads": lambda: daemon_loop(seed_preset, threads),
         "learner-seed": lambda: learner_only(seed_preset),
         "streamx-loop": lambda: _baseline(streamx_loop(), args.threads),
-        "daemon-stream": lambda: daemon_loop(default, plain + stream_net),
-        "daemon-stream-overlap": lambda: daemon_loop(default, plain + stream_net + overlap),
-        "daemon-stream-2threads": lambda: daemon_loop(default, plain + stream_net + threads),
+        "daemon-stream": lambda: daemon_loop(default, stream_net),
+        "daemon-stream-2threads": lambda: daemon_loop(default, stream_net + threads),
         "learner-stream": lambda: learner_only(default, stream_net),
         "daemon-default": lambda: daemon_loop(default),
-        "daemon-default-plain": lambda: daemon_loop(default, plain),
-        "daemon-default-eager": lambda: daemon_loop(default, plain + ("agent.compile=false",)),
+        "daemon-default-eager": lambda: daemon_loop(default, ("agent.compile=false",)),
         "daemon-default-onednn-on": lambda: daemon_loop(default, ("run.onednn=on",)),
-        "daemon-default-onednn-off": lambda: daemon_loop(default, ("run.onednn=off",)),
-        "daemon-default-overlap": lambda: daemon_loop(default, plain + overlap),
-        "daemon-default-process": lambda: daemon_loop(default, plain + process),
-        "daemon-default-process-overlap": lambda: daemon_loop(
-            default, plain + process + ("run.overlap_stream=true",)),
-        "daemon-default-process-overlap-pinned": lambda: daemon_loop(
-            default, plain + process + ("run.overlap_stream=true",), pinned=True),
-        "daemon-default-all": lambda: daemon_loop(
-            default, process + ("run.overlap_stream=true",))}
+        "daemon-default-onednn-off": lambda: daemon_loop(default, ("run.onednn=off",))}
     unknown = set(args.only or ()) - set(makers)
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)} (known: {', '.join(makers)})")
     variants = {name: make() for name, make in makers.items()
                 if args.only is None or name in args.only}
     for step in variants.values():
-        os.sched_setaffinity(0, ALL_CPUS)
         time_block(step, 50)  # warm-up: allocator, oneDNN primitive caches
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.blocks):
         for name, step in variants.items():
-            os.sched_setaffinity(0, ALL_CPUS)  # undo a pinned variant's learner pinning
             rates[name].append(time_block(step, args.block_steps))
 
     def ratio(a: str, b: str) -> float | None:
@@ -282,28 +243,14 @@ def main(argv: list[str] | None = None) -> int:
                         for name, r in rates.items()},
         "ratio_daemon_over_seed_loop (shared-conv net)": ratio("daemon-seed", "seed-loop"),
         "ratio_daemon_over_streamx_loop (stream net)": ratio("daemon-stream", "streamx-loop"),
-        "ratio_overlap_over_daemon (shared-conv net)": ratio("daemon-seed-overlap", "daemon-seed"),
-        "ratio_overlap_over_daemon (stream net)": ratio("daemon-stream-overlap",
-                                                        "daemon-stream"),
         "ratio_2threads_over_daemon (shared-conv net)": ratio("daemon-seed-2threads",
                                                               "daemon-seed"),
         "ratio_2threads_over_daemon (stream net)": ratio("daemon-stream-2threads",
                                                          "daemon-stream"),
         "ratio_learner_alone_over_seed_loop (shared-conv net)": ratio("learner-seed", "seed-loop"),
-        "ratio_default_over_plain (default)": ratio("daemon-default", "daemon-default-plain"),
-        "ratio_compiled_over_eager (default)": ratio("daemon-default-plain",
-                                                     "daemon-default-eager"),
+        "ratio_compiled_over_eager (default)": ratio("daemon-default", "daemon-default-eager"),
         "ratio_onednn_on_over_off (default)": ratio("daemon-default-onednn-on",
                                                     "daemon-default-onednn-off"),
-        "ratio_overlap_over_plain (default)": ratio("daemon-default-overlap",
-                                                    "daemon-default-plain"),
-        "ratio_stream_process_over_plain (default)": ratio("daemon-default-process",
-                                                           "daemon-default-plain"),
-        "ratio_stream_process_overlap_over_plain (default)": ratio(
-            "daemon-default-process-overlap", "daemon-default-plain"),
-        "ratio_stream_process_overlap_pinned_over_plain (default)": ratio(
-            "daemon-default-process-overlap-pinned", "daemon-default-plain"),
-        "ratio_all_over_plain (default)": ratio("daemon-default-all", "daemon-default-plain"),
     }, indent=1))
     return 0
 

@@ -74,15 +74,6 @@ class RunConfig:
     dir: str = option("runs/default", "Run directory (metrics, status, checkpoints).")
     torch_threads: int = option(1, "torch intra-op threads; one update is too small to "
                                 "split, so 1 is fastest.", at_least(1))
-    overlap_stream: bool = option(
-        False, "Step the stream on a second thread while the learner updates (uses a "
-        "second core). The acting policy then lags the learner by one update: the action "
-        "for s' is sampled before the update on the transition into s'.")
-    stream_process: bool = option(
-        False, "Run the stream (emulator and preprocessing) in its own process: with "
-        "overlap_stream it steps there, on another core and without the learner's GIL, "
-        "while the learner updates; and an emulator crash ends that process, which is "
-        "replaced like any failed stream, not the daemon.")
     onednn: str = option("auto", "auto | on | off: oneDNN (mkldnn) convolutions. auto = off "
                          "for the stream and shared-stream networks, whose small "
                          "convolutions run ~30% faster "
@@ -214,9 +205,13 @@ def _yaml_scalar(value: Any, annotation: Any) -> Any:
 RENAMED = {"log.video_every_episodes": "log.video_every_games"}
 # Keys that were removed, with what replaced them. A user's config naming one is refused
 # with that line; a config stored in an older checkpoint is read without it.
+_STEPS_IN_TURN = ("removed: the stream steps between two compiled updates, which "
+                  "measured faster than stepping it during them; delete the key")
 REMOVED = {"agent.reuse_next_pass": "removed: the learner's update is one pure function "
                                     "that makes its own passes (agent.compile sets how it "
-                                    "runs); delete the key"}
+                                    "runs); delete the key",
+           "run.overlap_stream": _STEPS_IN_TURN,
+           "run.stream_process": _STEPS_IN_TURN}
 _WHY_RENAMED = {"log.video_every_games": "a game is all its lives; an episode ends with "
                                          "each life when env.terminal_on_life_loss is true"}
 

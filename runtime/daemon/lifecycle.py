@@ -222,7 +222,7 @@ class Daemon:
         loop = self.loop = ActingLoop(
             self.learner, self.stream, self.counters,
             rollback_on_nonfinite=cfg.faults.on_nonfinite == "rollback",
-            overlap=cfg.run.overlap_stream, resume=self.resume_state)
+            resume=self.resume_state)
         sinks: list[RecordSink] = [MetricsLog(self.run_dir / "metrics.jsonl")]
         if self.tensorboard is not None:
             sinks.append(self.tensorboard)
@@ -276,7 +276,6 @@ class Daemon:
                 loop.recorder.finish()
             for sink in sinks:
                 sink.close()
-            loop.close()
             self.stream.close()
             self.stop.restore()
 

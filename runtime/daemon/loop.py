@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -18,7 +17,6 @@ import torch
 
 from agent.errors import NonFiniteError
 from agent.learner import A2CLearner, Transition
-from runtime.sensor_process import PendingStep, ProcessStream
 from runtime.streams import Stream, StreamError
 from runtime.video import GameRecorder, VideoError
 
@@ -101,12 +99,9 @@ class _GameTally:
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(AVERAGED, 0.0))
 
 
-StepResult = tuple[np.ndarray, float, bool, bool, dict]
-
-
 def _sensor(what: str, call: Callable[..., T], *args: object) -> T:
-    """Call the stream (directly or through the worker's future); any failure of the
-    sensor becomes a recoverable StreamFault naming what failed."""
+    """Call the stream; any failure of the sensor becomes a recoverable StreamFault
+    naming what failed."""
     try:
         return call(*args)
     except Exception as exc:  # noqa: BLE001 - any sensor failure is recoverable
@@ -114,26 +109,15 @@ def _sensor(what: str, call: Callable[..., T], *args: object) -> T:
 
 
 class ActingLoop:
-    """Runs the agent's life on a stream that never ends: episodes reset automatically.
-
-    With `overlap` the stream steps while the learner updates, in its own process (a
-    ProcessStream) or else on a worker thread (ALE and numpy release the GIL, so on a
-    second core): the action for s' is sampled before the update on the transition into
-    s' (`A2CLearner.act_ahead`), one update behind.
-    """
+    """Runs the agent's life on a stream that never ends: episodes reset automatically."""
 
     def __init__(self, learner: A2CLearner, stream: Stream, counters: Counters,
-                 rollback_on_nonfinite: bool = False, overlap: bool = False,
-                 resume: dict[str, Any] | None = None) -> None:
+                 rollback_on_nonfinite: bool = False, resume: dict[str, Any] | None = None) -> None:
         self.learner = learner
         self.counters = counters
         self.rollback_on_nonfinite = rollback_on_nonfinite
         self._tally = _GameTally()
         self.recorder: GameRecorder | None = None  # set while a game is being filmed
-        self._overlap = overlap
-        self._worker: ThreadPoolExecutor | None = None  # made when a thread must step
-        # (action, its step), the step started while the learner updated (overlap)
-        self._in_flight: tuple[int, PendingStep | Future[StepResult]] | None = None
         # Why a resumed run could not go on with the episode it was in (None: it did).
         self.cut: str | None = None
         if resume is None:
@@ -149,7 +133,6 @@ class ActingLoop:
 
     def attach(self, stream: Stream) -> None:
         """Start (or restart after a failure) on a stream: a new episode begins."""
-        self._drain()
         self._use(stream)
         self.observation: np.ndarray = self._reset()
 
@@ -162,31 +145,21 @@ class ActingLoop:
 
     def state_dict(self, stream_usable: bool = True) -> dict[str, Any]:
         """Where the agent stands, between two steps: the observation and whether the
-        learner has seen it, the running game's tally, a stream step in flight (overlap),
-        and the stream's own state, or why it is missing."""
+        learner has seen it, the running game's tally, and the stream's own state, or why
+        it is missing."""
         why = self.stream.state_unavailable if stream_usable else "the stream had failed"
-        in_flight = None
-        if self._in_flight is not None:
-            action, future = self._in_flight
-            try:
-                obs, reward, terminated, truncated, info = future.result()
-                in_flight = {"action": action, "observation": torch.from_numpy(obs.copy()),
-                             "reward": reward, "terminated": terminated,
-                             "truncated": truncated, "game_over": info.get("game_over", True)}
-            except Exception:  # noqa: BLE001 - the next step reports it as a StreamFault
-                why = "the stream step in flight failed"
         stream_state = None
         if why is None:
             try:
                 stream_state = self.stream.state_dict()
-            except StreamError as exc:  # e.g. a stream process that died since its last step
+            except StreamError as exc:
                 why = f"the stream's state could not be read: {exc}"
         tally = self._tally
         return {"observation": torch.from_numpy(self.observation.copy()),
                 "seen": self.learner.has_seen(self.observation),
                 "tally": {"return": tally.game_return, "length": tally.length,
                           "sums": dict(tally.sums)},
-                "in_flight": in_flight, "filming": self.recorder is not None,
+                "filming": self.recorder is not None,
                 "stream": stream_state,
                 "stream_unavailable": why}
 
@@ -195,6 +168,9 @@ class ActingLoop:
         raises StreamError (or KeyError) when that cannot be done."""
         if state.get("stream") is None:
             raise StreamError(state.get("stream_unavailable") or "no stream state was saved")
+        if state.get("in_flight") is not None:
+            raise StreamError("saved with a stream step in flight (run.overlap_stream, "
+                              "since removed)")
         stream.load_state_dict(state["stream"])
         self._use(stream)
         self.observation = state["observation"].numpy()
@@ -202,13 +178,6 @@ class ActingLoop:
         tally = state["tally"]
         self._tally = _GameTally(float(tally["return"]), int(tally["length"]),
                                  {k: float(tally["sums"][k]) for k in AVERAGED})
-        in_flight = state["in_flight"]
-        if in_flight is not None:  # consumed by the next step, with or without overlap
-            future: Future[StepResult] = Future()
-            future.set_result((in_flight["observation"].numpy(), float(in_flight["reward"]),
-                               bool(in_flight["terminated"]), bool(in_flight["truncated"]),
-                               {"game_over": bool(in_flight["game_over"])}))
-            self._in_flight = (int(in_flight["action"]), future)
 
     def _reset(self) -> np.ndarray:
         return _sensor("reset", self.stream.reset)
@@ -216,26 +185,16 @@ class ActingLoop:
     def step(self) -> GameSummary | None:
         """One agent step and one update; returns a summary when a whole game ended."""
         obs = self.observation
-        if self._in_flight is None:
-            try:
-                action = self.learner.act(obs)
-            except NonFiniteError:  # a reset gave a NaN/Inf reading
-                return self._drop_reading()
-            result = _sensor("step", self.stream.step, action)
-        else:
-            action, future = self._in_flight
-            self._in_flight = None
-            self.learner.stand_on(obs)  # while the stream computes s'
-            result = _sensor("step", future.result)
-        next_obs, reward, terminated, truncated, info = result
+        try:
+            action = self.learner.act(obs)
+        except NonFiniteError:  # a reset gave a NaN/Inf reading
+            return self._drop_reading()
+        next_obs, reward, terminated, truncated, info = _sensor("step", self.stream.step, action)
         self.counters.steps += 1
         if self.recorder is not None:
             self._film()
         if not math.isfinite(reward) or (self._float_obs and not np.isfinite(next_obs).all()):
             return self._drop_reading()
-        if self._overlap and not (terminated or truncated):
-            next_action = self.learner.act_ahead(next_obs)
-            self._in_flight = (next_action, self._step_ahead(next_action))
         try:
             metrics = self.learner.update(
                 Transition(obs, action, reward, next_obs, terminated, truncated))
@@ -247,35 +206,11 @@ class ActingLoop:
             raise RollbackNeeded(summary)  # after the step is counted: the stream moved on
         return summary
 
-    def _step_ahead(self, action: int) -> PendingStep | Future[StepResult]:
-        """Start the stream's step while the learner updates: a stream in its own process
-        steps there; any other steps on the worker thread."""
-        if isinstance(self.stream, ProcessStream):
-            return self.stream.submit(action)
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, "stream")
-        return self._worker.submit(self.stream.step, action)
-
     def _drop_reading(self) -> None:
         """A corrupt reading: learn nothing from it, and start a clean episode."""
         self.counters.faults.nonfinite_inputs += 1
         self.learner.reset_traces()
         self.observation = self._reset()
-
-    def _drain(self) -> None:
-        """Wait out a stream step still in flight (its result is dropped)."""
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
-            try:
-                in_flight[1].result()
-            except Exception:  # noqa: BLE001, S110 - the stream is being replaced or closed
-                pass
-
-    def close(self) -> None:
-        """Finish the worker's step so the stream can be closed safely."""
-        self._drain()
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
 
     def _film(self) -> None:
         try:

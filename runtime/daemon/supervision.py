@@ -37,8 +37,7 @@ class StreamSupervisor:
 
     def open(self, steps: int) -> Stream:
         """A new stream for a start at all-time step `steps`; raises StreamError."""
-        return open_stream(self.config.env, stream_seed(self.config.seed, steps),
-                           own_process=self.config.run.stream_process)
+        return open_stream(self.config.env, stream_seed(self.config.seed, steps))
 
     def recover(self, fault: Exception, broken: Stream, steps: int, counts: FaultCounts,
                 attach: Callable[[Stream], None]) -> bool:

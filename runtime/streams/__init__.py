@@ -124,13 +124,7 @@ def make_stream(
     return AtariStream(env, opts, seed=seed)
 
 
-def open_stream(env: EnvSettings, seed: int, *, own_process: bool = False) -> Stream:
+def open_stream(env: EnvSettings, seed: int) -> Stream:
     """The stream an env config section describes: what the daemon learns from, and what
-    the exporter and the benchmarks replay; `own_process` runs it in a child process
-    (runtime.sensor_process)."""
-    if own_process:
-        from runtime.sensor_process import ProcessStream  # it imports this module
-
-        return ProcessStream(env.id, dict(env.kwargs), seed=seed,
-                             options=StreamOptions.of(env))
+    the exporter and the benchmarks replay."""
     return make_stream(env.id, dict(env.kwargs), seed=seed, options=StreamOptions.of(env))
