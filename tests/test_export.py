@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 
+from agent.learner import A2CLearner
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.daemon.config import EnvConfig, from_dict
 from runtime.infer import ModelError, Policy, check_fits, make_stream_from_metadata
@@ -58,11 +59,22 @@ def cartpole(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"checkpoint": ckpt, "model": out, "summary": json.loads(done.stdout)}
 
 
+def _resumed_actor(payload: dict) -> torch.nn.Module:
+    """The actor as the learner itself resumes it from a checkpoint: not the exporter's
+    way of reading one, so that the two check each other."""
+    spec = payload["spec"]
+    config = from_dict(payload["config"]).on_network(spec["network"])
+    learner = A2CLearner(config.agent, tuple(spec["observation_shape"]),
+                         int(spec["num_actions"]), seed=12345)  # not the run's initialisation
+    learner.load_state_dict(payload["learner"])
+    return learner.net.policy().eval()
+
+
 def _parity(model: Path, checkpoint: Path, seed: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """Max |logit diff| and greedy actions of onnxruntime vs the torch actor, on real stream
-    observations the exporter did not see (another seed)."""
+    """Max |logit diff| and greedy actions of onnxruntime vs the learner's actor, on real
+    stream observations the exporter did not see (another seed)."""
     payload = read_checkpoint(checkpoint)
-    actor, _ = ex.load_actor(payload)
+    actor = _resumed_actor(payload)
     policy = Policy.load(model)
     frames = ex.stream_frames(policy.metadata, 48, seed)
     ours = np.stack([policy.logits(f[None])[0] for f in frames])

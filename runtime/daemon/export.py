@@ -27,7 +27,6 @@ import numpy as np
 import onnx
 import torch
 
-from agent.learner import A2CLearner
 from agent.networks import build_network
 from runtime.contract import INPUT_NAME, OUTPUTS, POLICY_FORMAT_VERSION, StreamOptions
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
@@ -95,17 +94,19 @@ def load_actor(payload: dict[str, Any], name: str = "checkpoint"
         # The spec names the network the weights belong to; the stored config may say
         # `auto`, which picks another network for frames since shared-stream became it.
         config = from_dict(payload["config"]).on_network(spec["network"])
-        learner = A2CLearner(config.agent, tuple(spec["observation_shape"]),
-                             int(spec["num_actions"]))
+        agent = config.agent
+        net = build_network(agent.network, tuple(spec["observation_shape"]),
+                            int(spec["num_actions"]), hidden_size=agent.hidden_size,
+                            sparsity=agent.sparsity, normalize=agent.normalize_observations)
         # Only the weights (and the normaliser statistics among them) make the actor; the
         # optimiser state is not needed, so its format may change without breaking export.
-        learner.net.load_state_dict(payload["learner"]["network"])
+        net.load_state_dict(payload["learner"]["network"])
     except ConfigError as exc:
         raise ExportError(f"{name}: stored config is invalid: {exc}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ExportError(f"{name}: does not hold a usable actor ({type(exc).__name__}: "
                           f"{first_line(exc, 200)})") from None
-    return learner.net.policy().eval(), config
+    return net.policy().eval(), config
 
 
 def policy_weights(policy: torch.nn.Module) -> dict[str, np.ndarray]:
