@@ -12,18 +12,19 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import yaml
 
 from agent.learner import A2CLearner
 from agent.networks import FrameTooSmall, resolve_network
-from runtime.cli import UsageError
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore
 from runtime.daemon.config import Config, ConfigError, to_dict
+from runtime.daemon.errors import SetupError
 from runtime.daemon.filming import GameFilming
 from runtime.daemon.history import set_aside_after
+from runtime.daemon.jobs import Checkpointing, GameRecords, Job, Publishing, RecordSink, Reporting
 from runtime.daemon.loop import ActingLoop, Counters, RollbackNeeded, StreamFault
 from runtime.daemon.process import RunDirLock, StopFlag, close_logging, setup_logging
 from runtime.daemon.progress import Progress
@@ -47,14 +48,6 @@ def configure_torch(config: Config, network: str) -> None:
     # The stream-x convolutions are small: torch's own kernels run them faster.
     stream_layers = network in ("stream", "shared-stream")
     torch.backends.mkldnn.enabled = onednn == "on" or (onednn == "auto" and not stream_layers)
-
-
-class RecordSink(Protocol):
-    """Where each game record goes: metrics.jsonl always, TensorBoard when asked."""
-
-    def write(self, record: dict[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class Daemon:
@@ -82,14 +75,14 @@ class Daemon:
     # -- start -------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Everything that can fail on bad input, before the first step (UsageError)."""
+        """Everything that can fail on bad input, before the first step (SetupError)."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / ".write-probe"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise UsageError(f"run.dir: cannot write to {self.run_dir} ({exc.strerror})") from None
+            raise SetupError(f"run.dir: cannot write to {self.run_dir} ({exc.strerror})") from None
         key = export_key(self.config)
         self._lock = RunDirLock(self.run_dir)
         self._log_handlers = setup_logging(self.config.log.level, self.run_dir / "daemon.log")
@@ -98,7 +91,7 @@ class Daemon:
         try:
             self.stream = self.streams.open(steps)
         except StreamError as exc:
-            raise UsageError(f"env.{exc.key}: {exc}") from None
+            raise SetupError(f"env.{exc.key}: {exc}") from None
         if found is not None:
             self._keep_network_of(found[0].get("spec", {}))
         self._check_fits_stream()
@@ -116,7 +109,7 @@ class Daemon:
             for line in set_aside_after(self.run_dir, self.counters.steps):
                 log.warning("%s", line)
         except OSError as exc:
-            raise UsageError(f"run.dir: cannot set aside what was written after the "
+            raise SetupError(f"run.dir: cannot set aside what was written after the "
                              f"checkpoint ({exc})") from None
         self.publisher = Publisher(self.config, self.run_dir, self.learner, self._spec(),
                                    self.counters, fresh=self.fresh, key=key,
@@ -128,7 +121,7 @@ class Daemon:
                 self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard",
                                                   purge_step=self.counters.steps + 1)
             except ValueError as exc:
-                raise UsageError(str(exc)) from None
+                raise SetupError(str(exc)) from None
         resolved = yaml.safe_dump(to_dict(self.config), sort_keys=False)
         write_atomic(self.run_dir / "config.yaml", resolved.encode())
         log.info("resolved config:\n%s", resolved.rstrip())
@@ -149,10 +142,10 @@ class Daemon:
                      "run %s from now on", self.run_identity["id"])
 
     def _check_fits_stream(self) -> None:
-        """What the config asks of the stream it made (UsageError naming the key)."""
+        """What the config asks of the stream it made (SetupError naming the key)."""
         spec, config = self.stream.spec, self.config
         if config.log.video_every_games and not self.stream.renders_frames:
-            raise UsageError(f"log.video_every_games: {config.env.id} renders no frames "
+            raise SetupError(f"log.video_every_games: {config.env.id} renders no frames "
                              f"(set env.kwargs.render_mode=rgb_array, or 0)")
         try:
             self.learner = A2CLearner(config.agent, spec.observation_shape, spec.num_actions,
@@ -160,11 +153,11 @@ class Daemon:
         except FrameTooSmall as exc:
             key = "env.screen_size" if is_atari_id(config.env.id) else "agent.network"
             network = resolve_network(config.agent.network, spec.observation_shape)
-            raise UsageError(f"{key}: {exc.frame[0]}x{exc.frame[1]} frames are smaller than the "
+            raise SetupError(f"{key}: {exc.frame[0]}x{exc.frame[1]} frames are smaller than the "
                              f"{exc.smallest}x{exc.smallest} the {network} network's "
                              f"convolutions need") from None
         except ValueError as exc:
-            raise UsageError(f"agent.network: {exc}") from None
+            raise SetupError(f"agent.network: {exc}") from None
 
     def _keep_network_of(self, theirs: dict[str, Any]) -> None:
         """`network: auto` resumes a run on the network it began with: a run started
@@ -191,7 +184,7 @@ class Daemon:
         try:
             return self.store.load_latest()
         except CheckpointError as exc:
-            raise UsageError(str(exc)) from None
+            raise SetupError(str(exc)) from None
 
     def _restore(self, payload: dict[str, Any], path: Path) -> None:
         mine, theirs = self._spec(), payload.get("spec", {})
@@ -200,13 +193,13 @@ class Daemon:
                                                            tuple(mine["observation_shape"]))}
         for key in ("network", "optimizer", "observation_shape", "num_actions"):
             if theirs.get(key) != mine[key]:
-                raise UsageError(f"checkpoint {path} does not match this config: {key} is "
+                raise SetupError(f"checkpoint {path} does not match this config: {key} is "
                                  f"{theirs.get(key)!r} there, {mine[key]!r} here "
                                  f"(use the matching config or --fresh)")
         try:
             self.learner.load_state_dict(payload["learner"])
         except (KeyError, ValueError) as exc:
-            raise UsageError(f"checkpoint {path} does not fit this learner: {exc}") from None
+            raise SetupError(f"checkpoint {path} does not fit this learner: {exc}") from None
         self.counters = Counters.from_dict(payload["counters"])
         self.last_checkpoint_step = self.counters.steps
         self.resume_state = payload.get("loop") or {
@@ -231,14 +224,20 @@ class Daemon:
             status_seconds=cfg.log.status_every_seconds,
             summary_seconds=cfg.log.summary_every_seconds, extra_status=self._status,
             live=sys.stderr.isatty())
-        filming = GameFilming(self.run_dir / "videos", cfg.log.video_every_games)
         self._report_resume(loop, progress)
         max_steps = cfg.run.max_steps
         now = time.monotonic()
-        checkpoint_due = Every(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds,
-                               self.counters.steps, now)
-        # The live line and the watchdog at most once a second; status.json at its own pace.
-        progress_due = Every(None, min(cfg.log.status_every_seconds, 1.0), 0, now - 1.0)
+        jobs: list[Job] = [
+            GameRecords(progress, sinks),
+            GameFilming(self.run_dir / "videos", cfg.log.video_every_games, loop),
+            Checkpointing(self.checkpoint, Every(cfg.checkpoint.every_steps,
+                                                 cfg.checkpoint.every_seconds,
+                                                 self.counters.steps, now)),
+            Publishing(self.publisher, progress),
+            # The live line and the watchdog at most once a second; status.json at its
+            # own pace.
+            Reporting(progress, Every(None, min(cfg.log.status_every_seconds, 1.0), 0,
+                                      now - 1.0))]
         self.stop.install()
         self.notifier.ready(progress.line())
         log.info("learning from %s at step %d", cfg.env.id, self.counters.steps)
@@ -256,26 +255,13 @@ class Daemon:
                     self.rollback("a non-finite update")
                     summary = needed.summary
                 steps, now = self.counters.steps, time.monotonic()
-                if summary is not None:
-                    record = progress.game_record(summary)
-                    for sink in sinks:
-                        sink.write(record)
-                    filming.after_game(loop, summary.game, steps)
-                if checkpoint_due.due(steps, now):
-                    self.checkpoint()  # a failed one is retried one interval on
-                    checkpoint_due.reset(steps, now)
-                self.publisher.tick(steps, now, progress.recent_returns)
-                if progress_due.due(steps, now):
-                    progress.tick(now, "running")
-                    progress_due.reset(steps, now)
+                for job in jobs:
+                    job.after_step(steps, now, summary)
             return self._shut_down(progress)
         finally:
             self.notifier.stopping()
-            self.publisher.close()
-            if loop.recorder is not None:
-                loop.recorder.finish()
-            for sink in sinks:
-                sink.close()
+            for job in jobs:
+                job.close()
             self.stream.close()
             self.stop.restore()
 
@@ -382,7 +368,7 @@ def run_daemon(config: Config, fresh: bool) -> int:
     try:
         daemon = Daemon(config, fresh=fresh)
         daemon.prepare()
-    except (UsageError, ConfigError) as exc:
+    except (SetupError, ConfigError) as exc:
         print(f"daemon: error: {exc}", file=sys.stderr)
         if daemon is not None:
             daemon.release()

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from runtime.cli import UsageError
+from runtime.daemon.errors import SetupError
 
 
 class StopFlag:
@@ -50,7 +50,7 @@ class RunDirLock:
             self._file.seek(0)
             holder = self._file.read().strip() or "another process"
             self.release()
-            raise UsageError(f"run.dir: {run_dir} is in use by pid {holder}") from None
+            raise SetupError(f"run.dir: {run_dir} is in use by pid {holder}") from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(str(os.getpid()))

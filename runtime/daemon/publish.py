@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from agent.learner import A2CLearner
-from runtime.cli import UsageError
 from runtime.daemon.config import Config, from_dict, to_dict
+from runtime.daemon.errors import SetupError
 from runtime.daemon.export import (
     PARITY_FRAMES,
     ActorBuilder,
@@ -78,11 +78,11 @@ CLOSE_GRACE_SECONDS = 30.0  # at shutdown, an export in flight may finish this l
 
 
 def export_key(config: Config) -> bytes | None:
-    """The signing key of export.key_file (None when unset); UsageError naming the key."""
+    """The signing key of export.key_file (None when unset); SetupError naming the key."""
     try:
         return load_key(config.export.key_file) if config.export.key_file else None
     except KeyFileError as exc:
-        raise UsageError(f"export.key_file: {exc}") from None
+        raise SetupError(f"export.key_file: {exc}") from None
 
 
 class Publisher:

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from runtime.cli import OneLineParser, UsageError
+from runtime.daemon.errors import SetupError
 from runtime.daemon.process import RunDirLock
 from runtime.files import write_atomic
 from runtime.manifest import (
@@ -44,6 +45,10 @@ from runtime.manifest import (
 )
 
 
+class RollbackError(Exception):
+    """The rollback cannot be done as asked; nothing was written."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m runtime.daemon.rollback",
                            description="Publish a kept policy again as the newest, signed, "
@@ -60,50 +65,50 @@ def _manifest(directory: Path) -> list[dict]:
     try:
         data = parse_index((directory / MANIFEST).read_bytes(), MANIFEST)
     except FileNotFoundError:
-        raise UsageError(f"{directory / MANIFEST} does not exist (nothing published "
-                         f"there)") from None
+        raise RollbackError(f"{directory / MANIFEST} does not exist (nothing published "
+                            f"there)") from None
     except OSError as exc:
-        raise UsageError(f"cannot read {directory / MANIFEST} ({exc.strerror or exc})") \
+        raise RollbackError(f"cannot read {directory / MANIFEST} ({exc.strerror or exc})") \
             from None
     except ManifestError as exc:
-        raise UsageError(f"{directory}: {exc}") from None
+        raise RollbackError(f"{directory}: {exc}") from None
     entries = data.get("policies") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries \
             or not all(isinstance(e, dict) and isinstance(e.get("step"), int) for e in entries):
-        raise UsageError(f"{directory / MANIFEST} holds no entries")
+        raise RollbackError(f"{directory / MANIFEST} holds no entries")
     return entries
 
 
 def rollback(run_dir: Path, step: int, key: bytes) -> dict:
     """Publish the kept policy of `step` again as the newest entry; returns the entry.
-    UsageError (one line) when it cannot be done."""
+    RollbackError (one line) when it cannot be done."""
     directory = run_dir / "policies"
     entries = _manifest(directory)
     newest = entries[-1]
     matches = [e for e in entries if e["step"] == step]
     if not matches:
         kept = ", ".join(str(e["step"]) for e in entries)
-        raise UsageError(f"--to-step: no policy of step {step} is kept in {directory / MANIFEST} "
-                         f"(kept: {kept})")
+        raise RollbackError(f"--to-step: no policy of step {step} is kept in "
+                            f"{directory / MANIFEST} (kept: {kept})")
     target = matches[-1]
     try:
         checked = parse_entry(target, None, max_size=1 << 62)
     except ManifestError as exc:
-        raise UsageError(f"the entry of step {step} in {directory / MANIFEST}: {exc}") \
+        raise RollbackError(f"the entry of step {step} in {directory / MANIFEST}: {exc}") \
             from None
     if checked.file == newest.get("file") and checked.sha256 == newest.get("sha256"):
-        raise UsageError(f"--to-step: the policy of step {step} is the newest one already")
+        raise RollbackError(f"--to-step: the policy of step {step} is the newest one already")
     path = directory / checked.file
     if not path.is_file():
-        raise UsageError(f"{path} is missing: the policy of step {step} cannot be published "
-                         f"again")
+        raise RollbackError(f"{path} is missing: the policy of step {step} cannot be "
+                            f"published again")
     if sha256_file(path) != checked.sha256:
-        raise UsageError(f"{path} does not match the sha256 of its entry")
+        raise RollbackError(f"{path} does not match the sha256 of its entry")
     run = None
     if newest.get("run") is not None:
         run = checked_run({"id": newest.get("run"), "started": newest.get("run_started")})
         if run is None:
-            raise UsageError(f"the newest entry in {directory / MANIFEST} names no valid run")
+            raise RollbackError(f"the newest entry in {directory / MANIFEST} names no valid run")
     latest = []
     try:  # latest.json is the newest entry; a sequence there counts too
         latest = [parse_index((directory / LATEST).read_bytes())]
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--run-dir: {args.run_dir} is not a directory")
         try:
             lock = RunDirLock(args.run_dir)
-        except UsageError as exc:  # "run.dir: RUN_DIR is in use by pid N"
+        except SetupError as exc:  # "run.dir: RUN_DIR is in use by pid N"
             raise UsageError(f"--run-dir: {str(exc).removeprefix('run.dir: ')}: stop the "
                              f"daemon first (its next policy would replace the rollback)") \
                 from None
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = rollback(args.run_dir, args.to_step, key)
         finally:
             lock.release()
-    except UsageError as exc:
+    except (UsageError, RollbackError) as exc:
         print(f"rollback: error: {exc}", file=sys.stderr)
         return 2
     replaced = entry["replaces"]
