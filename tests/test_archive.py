@@ -9,6 +9,7 @@ import pytest
 
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.metrics import metrics_path, read_jsonl
+from tests.conftest import ROOT
 from tools import archive_run
 
 
@@ -95,3 +96,14 @@ def test_a_restore_interrupted_after_the_checkpoint_finishes_when_run_again(
     (restored / "checkpoints" / "ckpt-000000000050.pt").write_bytes(b"other")
     with pytest.raises(FileExistsError):
         archive_run.restore(tmp_path / "archive", restored)
+
+
+RUNS_BUDGET_MIB = 40  # the budget docs/results.md states for docs/runs
+
+
+def test_the_kept_runs_stay_within_their_size_budget() -> None:
+    runs = ROOT / "docs" / "runs"
+    size = sum(p.stat().st_size for p in runs.rglob("*") if p.is_file())
+    assert size <= RUNS_BUDGET_MIB << 20, f"docs/runs holds {size / 2**20:.1f} MiB"
+    assert all(len(list(d.glob("*.pt"))) <= 1 for d in runs.rglob("checkpoints")), \
+        "an archived run keeps only its newest checkpoint"
