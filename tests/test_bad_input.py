@@ -60,6 +60,7 @@ BAD_DAEMON_SETS = [
     ("unknown log level", ["log.level=LOUD"], "log.level: must be DEBUG"),
     ("unknown fault policy", ["faults.on_nonfinite=ignore"], "faults.on_nonfinite: must be one"),
     ("unknown export key", ["export.every=5"], "export.every: unknown key"),
+    ("metrics port 0", ["log.metrics_port=0"], "log.metrics_port: must be in 1..65535 or null"),
     ("export niceness 30", ["export.niceness=30"], "export.niceness: must be in 0..19"),
 ]
 

@@ -95,6 +95,13 @@ class LogConfig:
                                     "MP4 under RUN_DIR/videos/; 0 = off.", at_least(0))
     tensorboard: bool = option(False, "Also write per-game scalars for TensorBoard under "
                                "RUN_DIR/tensorboard/ (needs the tensorboard package).")
+    metrics_port: int | None = option(None, "Serve Prometheus metrics at /metrics and a "
+                                      "health check at /healthz on this TCP port; null = "
+                                      "off.", lambda v: None if v is None or 1 <= v <= 65535
+                                      else "must be in 1..65535 or null")
+    metrics_address: str = option("127.0.0.1", "The address metrics_port listens on "
+                                  "(0.0.0.0: every interface, for a scraper on another "
+                                  "host).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ from runtime.daemon.filming import GameFilming
 from runtime.daemon.history import set_aside_after
 from runtime.daemon.jobs import Checkpointing, GameRecords, Job, Publishing, RecordSink, Reporting
 from runtime.daemon.loop import ActingLoop, Counters, RollbackNeeded, StreamFault
+from runtime.daemon.monitoring import MetricsEndpoint
 from runtime.daemon.process import RunDirLock, StopFlag, close_logging, setup_logging
 from runtime.daemon.progress import Progress
 from runtime.daemon.publish import Publisher, export_key
@@ -64,6 +65,7 @@ class Daemon:
         self.notifier = Notifier()
         self.streams = StreamSupervisor(config, lambda: self.stop.reason is not None)
         self.loop: ActingLoop | None = None
+        self.monitoring: MetricsEndpoint | None = None  # log.metrics_port
         # The saved position in the stream when resuming (None: a new run).
         self.resume_state: dict[str, Any] | None = None
         # The run identity ({"id", "started"}) published policies name: made when the run
@@ -125,6 +127,20 @@ class Daemon:
         resolved = yaml.safe_dump(to_dict(self.config), sort_keys=False)
         write_atomic(self.run_dir / "config.yaml", resolved.encode())
         log.info("resolved config:\n%s", resolved.rstrip())
+        self._open_reporting()
+
+    def _open_reporting(self) -> None:
+        """status.json and the progress lines; the metrics endpoint when asked for, which
+        listens at once (a port in use is a SetupError)."""
+        cfg = self.config.log
+        self.progress = Progress(
+            self.counters, self.run_dir / "status.json", self.notifier,
+            status_seconds=cfg.status_every_seconds,
+            summary_seconds=cfg.summary_every_seconds, extra_status=self._status,
+            live=sys.stderr.isatty())
+        if cfg.metrics_port is not None:
+            self.monitoring = MetricsEndpoint(cfg.metrics_address, cfg.metrics_port,
+                                              self.progress.status)
 
     def _identify(self, resumed: dict[str, Any] | None) -> None:
         """The run identity: the checkpoint's when resuming, else a new one (a fresh start,
@@ -219,11 +235,7 @@ class Daemon:
         sinks: list[RecordSink] = [MetricsLog(self.run_dir / "metrics.jsonl")]
         if self.tensorboard is not None:
             sinks.append(self.tensorboard)
-        progress = Progress(
-            self.counters, self.run_dir / "status.json", self.notifier,
-            status_seconds=cfg.log.status_every_seconds,
-            summary_seconds=cfg.log.summary_every_seconds, extra_status=self._status,
-            live=sys.stderr.isatty())
+        progress = self.progress
         self._report_resume(loop, progress)
         max_steps = cfg.run.max_steps
         now = time.monotonic()
@@ -238,6 +250,8 @@ class Daemon:
             # own pace.
             Reporting(progress, Every(None, min(cfg.log.status_every_seconds, 1.0), 0,
                                       now - 1.0))]
+        if self.monitoring is not None:
+            jobs.append(self.monitoring)
         self.stop.install()
         self.notifier.ready(progress.line())
         log.info("learning from %s at step %d", cfg.env.id, self.counters.steps)
@@ -357,6 +371,8 @@ class Daemon:
         stream = getattr(self, "stream", None)
         if stream is not None and self.loop is None:  # run() closes the one it used
             stream.close()
+        if self.monitoring is not None and self.loop is None:  # the same
+            self.monitoring.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -46,10 +46,13 @@ class Progress:
         self.status_due = Every(None, status_seconds, counters.steps, now - status_seconds)  # now
         self.summary_due = Every(None, summary_seconds, counters.steps, now)
         self.recent_returns: list[float] = []
+        self.last_game: dict[str, float] = {}  # the last finished game's metric means
+        self.state = "starting"  # running, stopping, stopped or failed after that
 
     def game_record(self, summary: GameSummary) -> dict[str, Any]:
         """The metrics.jsonl line of a finished game."""
         self.recent_returns = (self.recent_returns + [summary.game_return])[-RECENT_GAMES:]
+        self.last_game = dict(summary.means)
         record = {"step": summary.step, "game": summary.game, "return": summary.game_return,
                   "length": summary.length, "time": round(time.time(), 3),
                   "steps_per_s": round(self.steps_per_s, 1),
@@ -59,6 +62,7 @@ class Progress:
         return record
 
     def tick(self, now: float, state: str, force: bool = False) -> None:
+        self.state = state
         steps = self.counters.steps
         if now > self.last_time + 0.5:
             self.steps_per_s = (steps - self.last_steps) / (now - self.last_time)
@@ -74,20 +78,33 @@ class Progress:
             log.info(self.line())
             self.summary_due.reset(steps, now)
 
+    def recent_mean_return(self) -> float | None:
+        """Mean return of the last (up to RECENT_GAMES) whole games; None before the first."""
+        recent = self.recent_returns
+        return sum(recent) / len(recent) if recent else None
+
     def line(self) -> str:
         c = self.counters
-        mean = (sum(self.recent_returns) / len(self.recent_returns)
-                if self.recent_returns else float("nan"))
+        mean = self.recent_mean_return()
+        mean = float("nan") if mean is None else mean
         return (f"step {c.steps}  games {c.games}  return(last {len(self.recent_returns)}) "
                 f"{mean:.2f}  {self.steps_per_s:.0f} steps/s")
 
     def write_status(self, state: str) -> None:
+        self.state = state
+        write_status(self.status_path, self.status())
+
+    def status(self) -> dict[str, Any]:
+        """What status.json says, and the metrics endpoint serves."""
         c = self.counters
-        write_status(self.status_path, {
+        return {
             "step": c.steps, "episodes": c.episodes, "games": c.games,
+            "recent_games": {"games": len(self.recent_returns),
+                             "mean_return": self.recent_mean_return()},
+            "last_game": self.last_game,
             **self.extra_status(),
-            "steps_per_s": round(self.steps_per_s, 1), "pid": os.getpid(), "state": state,
-            "faults": asdict(c.faults), **memory_mb(),
+            "steps_per_s": round(self.steps_per_s, 1), "pid": os.getpid(),
+            "state": self.state, "faults": asdict(c.faults), **memory_mb(),
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
-        })
+        }

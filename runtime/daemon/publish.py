@@ -121,6 +121,7 @@ class Publisher:
             self.counts.published = max(self.counts.published, len(on_disk))
             self.counts.last_step = max(self.counts.last_step or 0, on_disk[-1]["step"])
         self.last_error: str | None = None
+        self.last_export_seconds: float | None = None
 
     # -- the one call per step --------------------------------------------------------------
 
@@ -184,6 +185,7 @@ class Publisher:
         self.counts.published += 1
         self.counts.last_step = entry["step"]
         self.last_error = None
+        self.last_export_seconds = now - started
         log.info("published %s (%ssha256 %s..., %d bytes, mean return %s of %d recent "
                  "games, max logit diff %.2g) in %.1f s", entry["file"],
                  f"run {entry['run']} sequence {entry['sequence']}, " if "run" in entry else "",
@@ -205,6 +207,8 @@ class Publisher:
         return {"enabled": self.trigger.enabled, "published": self.counts.published,
                 "last_step": self.counts.last_step,
                 "in_flight_step": self._in_flight[0] if self._in_flight else None,
+                "last_export_seconds": None if self.last_export_seconds is None
+                else round(self.last_export_seconds, 3),
                 "last_error": self.last_error}
 
     def close(self) -> None:
