@@ -7,8 +7,9 @@ device side reads back, said once for both.
 - the stream options (StreamOptions: the Atari preprocessing and the time feature):
   declared, documented and checked here, and reused from here by the daemon's config
   section (runtime.daemon.config.EnvConfig), the stream factory (runtime.streams), the
-  exporter (runtime.daemon.export) and the readers (runtime.infer, runtime.follow).
-  Adding an option is one field below, plus the stream code that honours it.
+  exporter (runtime.daemon.export) and the readers (runtime.device.policy,
+  runtime.device.follow). Adding an option is one field below, plus the stream code that
+  honours it.
 
 Standard library only: a device imports this without torch, onnx or gymnasium.
 """

@@ -14,8 +14,8 @@ import pytest
 from runtime.contract import OPTION_NAMES, REQUIRED_OPTION_NAMES, StreamError, StreamOptions
 from runtime.daemon.config import EnvConfig, load_config
 from runtime.daemon.export import build_metadata
-from runtime.follow import STREAM_KEYS
-from runtime.infer import REQUIRED_KEYS, ModelError, parse_metadata
+from runtime.device.follow import STREAM_KEYS
+from runtime.device.policy import REQUIRED_KEYS, ModelError, parse_metadata
 from runtime.streams import StreamSpec
 from tests.conftest import ROOT, _env
 

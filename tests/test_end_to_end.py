@@ -23,8 +23,8 @@ from agent.learner import A2CLearner
 from runtime.daemon.config import load_config
 from runtime.daemon.export import policy_weights, stream_spec
 from runtime.daemon.publish import PolicyWriter
+from runtime.device.manifest import load_key, policy_file, sha256_file, sign
 from runtime.files import write_atomic
-from runtime.manifest import load_key, policy_file, sha256_file, sign
 from tests.conftest import CARTPOLE, ROOT, _device_env, _env
 
 PLAYING = r"playing policy step (\d+)"

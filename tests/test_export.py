@@ -16,7 +16,8 @@ import torch
 from agent.learner import A2CLearner
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.daemon.config import EnvConfig, from_dict
-from runtime.infer import ModelError, Policy, check_fits, make_stream_from_metadata
+from runtime.device.play import check_fits, make_stream_from_metadata
+from runtime.device.policy import ModelError, Policy
 from runtime.streams import make_stream, open_stream
 from tests.conftest import CARTPOLE, ROOT, _env, cli
 from tools import export_onnx as ex

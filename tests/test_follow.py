@@ -20,8 +20,8 @@ from agent.learner import A2CLearner
 from runtime.daemon.config import load_config
 from runtime.daemon.export import policy_weights, stream_spec
 from runtime.daemon.publish import PolicyWriter
-from runtime.follow import Follower, FollowError
-from runtime.manifest import (
+from runtime.device.follow import Follower, FollowError
+from runtime.device.manifest import (
     Accepted,
     KeyFileError,
     ManifestError,
@@ -32,7 +32,7 @@ from runtime.manifest import (
     sha256_file,
     sign,
 )
-from runtime.sources import Source, SourceError
+from runtime.device.sources import Source, SourceError
 from tests.conftest import ROOT
 
 MAX = 10 << 20

@@ -31,9 +31,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime.contract import StreamOptions
-from runtime.follow import PARTIAL, Follower, FollowError
-from runtime.manifest import load_key, policy_file, run_fields, sign
-from runtime.sources import Source, SourceError
+from runtime.device.follow import PARTIAL, Follower, FollowError
+from runtime.device.manifest import load_key, policy_file, run_fields, sign
+from runtime.device.sources import Source, SourceError
 from tests.conftest import ROOT, _env
 
 DRIP_SECONDS = 0.2  # between two bytes of a dripping server

@@ -22,8 +22,8 @@ from runtime.daemon.loop import Counters
 from runtime.daemon.publish import PolicyWriter, Publisher
 from runtime.daemon.rollback import rollback
 from runtime.daemon.triggers import Every
-from runtime.infer import Policy
-from runtime.manifest import ManifestError, new_run, parse_entry, sha256_file
+from runtime.device.manifest import ManifestError, new_run, parse_entry, sha256_file
+from runtime.device.policy import Policy
 from tests.conftest import CARTPOLE, ROOT, cli
 
 

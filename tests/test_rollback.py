@@ -16,9 +16,8 @@ import pytest
 
 from runtime.daemon.process import RunDirLock
 from runtime.daemon.rollback import main
-from runtime.files import write_atomic
-from runtime.follow import Follower
-from runtime.manifest import (
+from runtime.device.follow import Follower
+from runtime.device.manifest import (
     index_bytes,
     load_key,
     manifest_bytes,
@@ -27,6 +26,7 @@ from runtime.manifest import (
     run_fields,
     sign,
 )
+from runtime.files import write_atomic
 from tests.conftest import cli
 from tests.test_follow_attacks import RUN_A, entry_for, policy_bytes
 

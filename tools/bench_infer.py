@@ -6,9 +6,9 @@
 Same machine, same run, same real stream observations (random actions): the actor is
 exported to a temporary ONNX file (or --model is used), the frames are saved once, and each
 runtime then runs in its own fresh subprocess, so that its peak RSS (ru_maxrss) is its own:
-(a) runtime.infer.Policy.act (numpy + onnxruntime, 1 thread), (b) the torch actor (eager,
-1 thread, no_grad, argmax). Each observation is acted on one at a time, as when deployed.
-Prints one JSON object with both and their ratios.
+(a) runtime.device.policy.Policy.act (numpy + onnxruntime, 1 thread), (b) the torch actor
+(eager, 1 thread, no_grad, argmax). Each observation is acted on one at a time, as when
+deployed. Prints one JSON object with both and their ratios.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _timed(act, frames: np.ndarray, repeats: int) -> dict:  # noqa: ANN001
 
 def child_onnx(model: str, frames_path: str, repeats: int) -> dict:
     start = time.perf_counter()
-    from runtime.infer import Policy
+    from runtime.device.policy import Policy
 
     policy = Policy.load(model, threads=1)
     load_s = time.perf_counter() - start
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                                 str(args.seed)])
             if code != 0:
                 return code
-        from runtime.infer import Policy
+        from runtime.device.policy import Policy
 
         metadata = Policy.load(model).metadata
         frames_path = str(Path(tmp) / "frames.npy")

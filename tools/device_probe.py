@@ -12,9 +12,9 @@ Exit 1 with one line ``device_probe: error: ...`` when a step broke, 2 on bad us
 
 device_check copies this one file onto the device, where the installed wheel provides
 ``runtime`` and nothing of tools/ exists: it imports the standard library, numpy and the
-device side of runtime (onnxruntime through runtime.infer), never torch, onnx or another
-tool. The frame set (load_frames) and DeviceCheckError live here for that reason: the host
-reads and raises them too.
+device side of runtime (onnxruntime through runtime.device.policy), never torch, onnx or
+another tool. The frame set (load_frames) and DeviceCheckError live here for that reason:
+the host reads and raises them too.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def probe(model: str | Path, frames: np.ndarray, threads: int = 1) -> dict[str, 
     """Logits and greedy actions of `model` on every frame, one frame per call as a device
     would act, with per-action latency and this process's peak RSS."""
     t0 = time.perf_counter()
-    from runtime.infer import Policy  # imported here: load_s counts it; --bare never does
+    # Imported here: load_s counts it; --bare never does.
+    from runtime.device.policy import Policy
 
     policy = Policy.load(model, threads=threads)
     load_s = time.perf_counter() - t0

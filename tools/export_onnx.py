@@ -10,7 +10,8 @@ The graph is the policy half of the network only: input ``observation`` exactly 
 stream gives it (uint8 N x C x H x W frames or float32 N x D vectors, dynamic N), outputs
 ``logits`` (float32 N x A) and ``action`` (int64 N, the greedy argmax). uint8 scaling and
 the frozen observation-normalisation statistics are inside the graph. The file carries in
-its metadata everything ``runtime.infer`` needs to rebuild the same stream.
+its metadata everything the device side (``runtime.device``) needs to rebuild the same
+stream.
 
 After writing, the model is checked (onnx.checker) and compared with the torch actor on real
 stream observations (random actions): max |logit difference| <= 1e-4 and identical greedy
@@ -54,7 +55,7 @@ from runtime.daemon.export import (
     stream_spec,
     training_frames,
 )
-from runtime.infer import Policy
+from runtime.device.policy import Policy
 from runtime.streams import StreamError
 
 INT8_MIN_AGREEMENT = 0.97
@@ -108,7 +109,7 @@ def quantize_int8(float_path: Path, calibration: np.ndarray, held_out: np.ndarra
                             calibrate_method=CalibrationMethod.MinMax,
                             op_types_to_quantize=["Conv", "Gemm", "MatMul"],
                             nodes_to_exclude=[first_layer] if first_layer else [])
-    # Quantisation drops custom metadata: carry it over so runtime.infer accepts the file.
+    # Quantisation drops custom metadata: carry it over so the device side accepts the file.
     source, model = onnx.load(str(float_path)), onnx.load(str(out))
     del model.metadata_props[:]
     for prop in source.metadata_props:

@@ -5,9 +5,10 @@ The graph is the policy half of the network only: input ``observation`` exactly 
 stream gives it (uint8 N x C x H x W frames or float32 N x D vectors, dynamic N), outputs
 ``logits`` (float32 N x A) and ``action`` (int64 N, the greedy argmax). uint8 scaling and the
 frozen observation-normalisation statistics are inside the graph; the metadata carries
-everything ``runtime.infer`` needs to rebuild the same stream. A written model is checked
-(onnx.checker) and compared with the torch actor on real stream observations: max |logit
-difference| <= LOGIT_TOLERANCE and identical greedy actions, or it is deleted.
+everything the device side (``runtime.device``) needs to rebuild the same stream. A written
+model is checked (onnx.checker) and compared with the torch actor on real stream
+observations: max |logit difference| <= LOGIT_TOLERANCE and identical greedy actions, or it
+is deleted.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from agent.networks import build_network
 from runtime.contract import INPUT_NAME, OUTPUTS, POLICY_FORMAT_VERSION, StreamOptions
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
 from runtime.daemon.config import Config, ConfigError, from_dict
+from runtime.device.play import make_stream_from_metadata
+from runtime.device.policy import ModelError, Policy, parse_metadata
 from runtime.errors import first_line
-from runtime.infer import ModelError, Policy, make_stream_from_metadata, parse_metadata
 from runtime.streams import StreamError, open_stream
 
 DEFAULT_OPSET = 17
@@ -147,11 +149,11 @@ def stream_spec(config: Config, seed: int = 0) -> Any:
 
 def build_metadata(config: Config, spec: Any, training_step: int, network: str,
                    producer: str) -> dict[str, str]:
-    """The ONNX metadata_props (string -> string) that runtime.infer reads back."""
+    """The ONNX metadata_props (string -> string) that runtime.device.policy reads back."""
     env = config.env
     # frame_stack and frame_skip as the stream plays them: 1 and 1 for a non-Atari stream
-    # (which ignores the options), so that runtime.follow compares like with like; the time
-    # feature as auto resolved it.
+    # (which ignores the options), so that runtime.device.follow compares like with like;
+    # the time feature as auto resolved it.
     options = dataclasses.replace(StreamOptions.of(env), frame_stack=spec.frame_stack,
                                   frame_skip=spec.frame_skip, time_feature=spec.time_feature)
     return {
@@ -181,7 +183,7 @@ def check_actor_fits(metadata: Mapping[str, Any], observation_shape: Any, num_ac
 
 def stream_frames(metadata: Mapping[str, Any], count: int, seed: int) -> np.ndarray:
     """`count` real observations from the stream the model was trained on, random actions,
-    built exactly as runtime.infer builds it (so the metadata is proven sufficient)."""
+    built exactly as runtime.device.play builds it (so the metadata is proven sufficient)."""
     stream = make_stream_from_metadata(metadata, seed=seed)
     try:
         rng = np.random.default_rng(seed)

@@ -33,8 +33,8 @@ from runtime.daemon.publish import Publisher, export_key
 from runtime.daemon.supervision import StreamSupervisor
 from runtime.daemon.tensorboard import TensorBoardLog
 from runtime.daemon.triggers import Every
+from runtime.device.manifest import checked_run, new_run
 from runtime.files import write_atomic
-from runtime.manifest import checked_run, new_run
 from runtime.metrics import MetricsLog
 from runtime.sdnotify import Notifier
 from runtime.streams import Stream, StreamError, is_atari_id
@@ -69,7 +69,8 @@ class Daemon:
         # The saved position in the stream when resuming (None: a new run).
         self.resume_state: dict[str, Any] | None = None
         # The run identity ({"id", "started"}) published policies name: made when the run
-        # directory starts fresh, kept in every checkpoint (runtime.manifest.new_run).
+        # directory starts fresh, kept in every checkpoint
+        # (runtime.device.manifest.new_run).
         self.run_identity: dict[str, Any] | None = None
         self._log_handlers: list[logging.Handler] = []
         self._lock: RunDirLock | None = None

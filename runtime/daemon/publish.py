@@ -8,7 +8,7 @@ exports and verifies it with runtime.daemon.export (the exporter's own code: onn
 and parity with the torch actor on real stream frames), and only then publishes it:
 
     policies/policy-<step>.onnx   fsynced, then renamed into place
-    policies/manifest.json        every kept entry, oldest first (runtime.manifest)
+    policies/manifest.json        every kept entry, oldest first (runtime.device.manifest)
     policies/latest.json          the newest entry alone, what devices poll
 
 both JSON files replaced atomically, the newest `export.keep` kept, in the order they were
@@ -53,9 +53,7 @@ from runtime.daemon.export import (
 from runtime.daemon.loop import Counters
 from runtime.daemon.progress import RECENT_GAMES
 from runtime.daemon.triggers import Every
-from runtime.errors import first_line
-from runtime.files import write_atomic
-from runtime.manifest import (
+from runtime.device.manifest import (
     FORMAT,
     LATEST,
     MANIFEST,
@@ -70,6 +68,8 @@ from runtime.manifest import (
     sha256_file,
     sign,
 )
+from runtime.errors import first_line
+from runtime.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class Publisher:
                  spec: dict[str, Any], counters: Counters, fresh: bool = False,
                  key: bytes | None = None, run: dict[str, Any] | None = None) -> None:
         """`key`: export_key(config), read before anything else starts; `run`: the run
-        identity entries name (runtime.manifest.new_run; None: entries without one)."""
+        identity entries name (runtime.device.manifest.new_run; None: entries without
+        one)."""
         export = config.export
         self.config = config
         self.run = run

@@ -4,10 +4,10 @@ the devices back to a kept policy, signed by the learner.
 A device never plays a policy older than one it played, except this: the kept policy of step
 N (still in RUN_DIR/policies and its manifest.json) is published again as the newest entry,
 with the next `sequence` of the run and `replaces` naming the entry it replaces, signed with
-the key (runtime.manifest.rollback_entry). A device that follows with that key takes it
-because the learner signed it with a sequence newer than any it played, not because of its
-step: an old entry served again has an older sequence, and an entry changed to look like a
-rollback no longer matches its signature.
+the key (runtime.device.manifest.rollback_entry). A device that follows with that key
+takes it because the learner signed it with a sequence newer than any it played, not
+because of its step: an old entry served again has an older sequence, and an entry changed
+to look like a rollback no longer matches its signature.
 
 The daemon must be stopped (the run directory's lock): its next policy would replace the
 rollback anyway, and it must not write the manifest at the same time. Devices go on from the
@@ -24,8 +24,7 @@ from pathlib import Path
 from runtime.cli import OneLineParser, UsageError
 from runtime.daemon.errors import SetupError
 from runtime.daemon.process import RunDirLock
-from runtime.files import write_atomic
-from runtime.manifest import (
+from runtime.device.manifest import (
     LATEST,
     MANIFEST,
     KeyFileError,
@@ -43,6 +42,7 @@ from runtime.manifest import (
     sha256_file,
     sign,
 )
+from runtime.files import write_atomic
 
 
 class RollbackError(Exception):

@@ -7,7 +7,7 @@ read with the socket timeout set to min(per-read timeout, time left), and a time
 connection's socket when the deadline passes, which also ends a connect, a TLS handshake or
 a header read in progress (a server that drips its headers). `Source.stop()` ends every
 fetch in progress the same way. A file name is joined to the source only after
-runtime.manifest.parse_entry has checked that it is a plain `policy-<step>.onnx`; a
+runtime.device.manifest.parse_entry has checked that it is a plain `policy-<step>.onnx`; a
 directory source also refuses any path that resolves outside it. Failures are SourceError,
 one line; a download that fails leaves no file behind.
 """
@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from runtime.manifest import LATEST, MAX_INDEX_BYTES
+from runtime.device.manifest import LATEST, MAX_INDEX_BYTES
 
 CHUNK = 1 << 16  # the most one read asks for (a read returns what one recv gives)
 USER_AGENT = "stream-agent-runtime/follow"

@@ -1,6 +1,7 @@
 """Published policies: the manifest entry, its signature, and the checks a device makes on
 an entry before it downloads anything. Standard library only: the daemon's publisher
-writes entries with it, the device's follower (runtime.follow) reads them with it.
+(runtime.daemon.publish) writes entries with it, the device's follower
+(runtime.device.follow) reads them with it.
 
 A policies directory holds ``policy-<step>.onnx`` files, ``manifest.json`` (every kept
 entry, oldest published first) and ``latest.json`` (the newest entry alone, what a device polls).

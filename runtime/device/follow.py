@@ -14,25 +14,25 @@ newer policy there that passes every check plays, else the cached one does, what
 source says (down, forged, corrupt, slow, oversized, older: one log line names what was
 refused). Only when neither exists is it FollowError.
 
-Never backwards, unless the learner says so: the cache's `accepted.json` (runtime.manifest
-`Accepted`, replaced atomically at every swap) keeps, across restarts, each run the device
-followed with the highest step it accepted of it. With a key a policy plays only if it is
-newer in the run followed (a higher step; a rollback the learner signed: a higher
-sequence), or the first of a newer run that names itself; a run the device left never
-comes back. Without a key only steps count (a new run waits until it passes the old step).
+Never backwards, unless the learner says so: the cache's `accepted.json`
+(runtime.device.manifest `Accepted`, replaced atomically at every swap) keeps, across
+restarts, each run the device followed with the highest step it accepted of it. With a key
+a policy plays only if it is newer in the run followed (a higher step; a rollback the
+learner signed: a higher sequence), or the first of a newer run that names itself; a run
+the device left never comes back. Without a key only steps count (a new run waits until it
+passes the old step).
 
 A background thread (a daemon thread) then reads `latest.json` every `interval` seconds.
 When it names another policy than the one playing, the thread checks the entry
-(runtime.manifest: file name, size bound, signature with a key, newer than what this device
-accepted), downloads the file to a temporary file in the cache directory within a total
-deadline, checks its size and SHA-256, loads it (format version, metadata), checks that it
-plays the same stream as the current policy, and runs one forward pass on a real
+(runtime.device.manifest: file name, size bound, signature with a key, newer than what this
+device accepted), downloads the file to a temporary file in the cache directory within a
+total deadline, checks its size and SHA-256, loads it (format version, metadata), checks
+that it plays the same stream as the current policy, and runs one forward pass on a real
 observation. Only a policy that passes everything is offered; `reload()` swaps to it
-between games. Anything bad is one log line
-and the current policy keeps playing: a refused policy is remembered (and not fetched
-again), a source that is down or slow, or a download that fails, is logged when the
-condition starts and when it ends, not at every look. A partial download never stays in
-the cache; `close()` ends a download in progress at once.
+between games. Anything bad is one log line and the current policy keeps playing: a refused
+policy is remembered (and not fetched again), a source that is down or slow, or a download
+that fails, is logged when the condition starts and when it ends, not at every look. A
+partial download never stays in the cache; `close()` ends a download in progress at once.
 """
 
 from __future__ import annotations
@@ -49,9 +49,7 @@ from typing import Any
 import numpy as np
 
 from runtime.contract import OPTION_NAMES
-from runtime.files import write_atomic
-from runtime.infer import ModelError, Policy
-from runtime.manifest import (
+from runtime.device.manifest import (
     ACCEPTED,
     Accepted,
     Entry,
@@ -62,12 +60,17 @@ from runtime.manifest import (
     run_label,
     sha256_file,
 )
-from runtime.sources import Source, SourceError
+from runtime.device.policy import ModelError, Policy
+from runtime.device.sources import Source, SourceError
+from runtime.files import write_atomic
 
+# Named for what it logs, not where the module lives: logging configurations and log
+# filters select it by this name.
 log = logging.getLogger("runtime.follow")
 
 DEFAULT_MAX_POLICY_BYTES = 64 << 20
-# What makes two policies play the same stream (the metadata runtime.infer rebuilds it from).
+# What makes two policies play the same stream (the metadata runtime.device.play rebuilds
+# it from).
 STREAM_KEYS = ("env_id", "observation_shape", "observation_dtype", "num_actions",
                *OPTION_NAMES, "env_kwargs")
 CURRENT = "current.json"
