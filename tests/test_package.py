@@ -13,7 +13,8 @@ from pathlib import Path
 from tests.conftest import CARTPOLE, LEARNER_ONLY, ROOT, _env, cli, device_run
 from tools import device_wheel
 
-DEVICE_DEPENDENCIES = {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py"}
+DEVICE_DEPENDENCIES = {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py",
+                       "prometheus-client"}
 
 
 def test_the_wheel_pulls_no_learner(device_venv: dict) -> None:
