@@ -60,10 +60,10 @@ def above_or_auto(low: float) -> Check:
         number(v) if isinstance(v, (int, float)) else "must be a number or auto")
 
 
-# ObGD's bounds (policy, value) for `auto`: stream-x's, except on shared-stream. Its 211k
-# weights make the traces' L1 norm, which the bound divides the step by, large: halved,
-# it left Breakout's 2.3 plateau far sooner (docs/experiments.md). On the small
-# networks the halved bounds cost Acrobot one seed in ten (docs/results.md).
+# ObGD's bounds (policy, value) for `auto`: stream-x's, except on shared-stream, whose many
+# weights make the traces' L1 norm (which the bound divides the step by) large, so that
+# stream-x's bounds hold its steps back; halved there, kept on the small networks, where
+# halving them did harm (the measurements: docs/experiments.md, docs/results.md).
 STREAM_X_KAPPAS = (3.0, 2.0)
 AUTO_KAPPAS = {"shared-stream": (1.5, 1.0)}
 
@@ -114,9 +114,8 @@ class AgentConfig:
         # (every archived run, a user's own file) must go on with the floor it was run with
         None, "The floor after its decay (a fraction of ln(actions), like entropy_floor); "
         "null keeps entropy_floor constant. A floor that gives way once the policy is good "
-        "lets it turn more deterministic, which plays better (Breakout at 2M steps: 0.05 "
-        "was ahead of a constant floor on each of three seeds, and 0 by 1.67M ahead of "
-        "0.05 on four seeds of five).",
+        "lets it turn more deterministic, which plays better (measured on Breakout: "
+        "docs/results.md).",
         within(0.0, 1.0, allow_none=True))
     entropy_floor_decay_start: int = option(
         1_000_000, "Update at which the floor starts its linear decay to "

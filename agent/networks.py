@@ -48,9 +48,8 @@ def sparse_init_(module: nn.Module, sparsity: float) -> None:
     number zeroed is rounded up, so a layer with fewer than 10 inputs (the first layer
     over a small vector: CartPole's 4, Acrobot's 6) starts with every weight at zero. That
     layer is not blind: the parameter-free LayerNorm after it turns the first gradients
-    into large, well-spread steps. Keeping one input per unit instead made Acrobot (time
-    limit 10,000) learn 8x slower: mean return over 50k steps -1,525 against -176 on
-    seeds 0-4 (tools/bench_control.py --envs Acrobot-v1 --max-episode-steps 10000).
+    into large, well-spread steps, where keeping one input per unit learned far slower
+    on Acrobot (docs/experiments.md).
     """
     for layer in module.modules():
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
@@ -162,10 +161,10 @@ FORMER_NAMES = {"seed": "shared-conv"}
 def resolve_network(name: str, observation_shape: tuple[int, ...]) -> str:
     """`auto` -> shared-stream for stacked frames (C, H, W), mlp for vectors.
 
-    For frames a shared trunk wins: with ObGD on Breakout a trunk that the critic's denser
-    signal shapes for the actor too took off where the separate stream-x towers stayed
-    flat to 1M; and stream-x's wider layers in that trunk (shared-stream) kept climbing
-    where the notebook's small one (shared-conv) flattened near 18 (docs/experiments.md)."""
+    For frames a shared trunk, which the critic's denser signal shapes for the actor too,
+    learned Breakout where separate towers did not, and stream-x's wider layers in it
+    (shared-stream) went on climbing where the notebook's smaller ones flattened
+    (docs/experiments.md)."""
     name = FORMER_NAMES.get(name, name)
     if name != "auto":
         return name

@@ -76,8 +76,8 @@ class RunConfig:
                                 "split, so 1 is fastest.", at_least(1))
     onednn: str = option("auto", "auto | on | off: oneDNN (mkldnn) convolutions. auto = off "
                          "for the stream and shared-stream networks, whose small "
-                         "convolutions run ~30% faster "
-                         "on torch's own kernels (tools/bench_throughput.py), on otherwise.",
+                         "convolutions run faster on torch's own kernels "
+                         "(docs/performance.md), on otherwise.",
                          lambda v: None if v in ("auto", "on", "off")
                          else "must be one of auto, on, off")
 

@@ -37,7 +37,7 @@ def _banded(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Each output pixel of an area shrink reads at most ceil(scale) + 1 source
     pixels, so K gathers + multiply-adds replace a dense matmul. That keeps
     the resize off BLAS, whose thread pool thrashes when it shares the CPU
-    with torch (measured 10x slowdown on 2 cores).
+    with torch.
     """
     rows = [np.flatnonzero(w) for w in weights]
     taps = max(len(r) for r in rows)
