@@ -22,18 +22,23 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = ["--set", "env.id=CartPole-v1"]
+# The daemons the tests start publish no final policy at their stop (an export costs
+# seconds, and dozens of daemons stop); a test about it sets export.on_stop=true after this.
+NO_FINAL_POLICY = ["--set", "export.on_stop=false"]
 
 
 def cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run `python -m module args` from the repository root; returns the finished process."""
+    if module == "runtime.daemon":
+        args = (*NO_FINAL_POLICY, *args)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=timeout, env=_env())
 
 
 def start_daemon(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "runtime.daemon", *args], cwd=ROOT,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env())
+    return subprocess.Popen([sys.executable, "-m", "runtime.daemon", *NO_FINAL_POLICY, *args],
+                            cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env())
 
 
 def _env() -> dict[str, str]:

@@ -56,6 +56,23 @@ def test_every_is_due_at_multiples_or_by_time_and_stays_due() -> None:
     assert not Every(None, None, 0, 0.0).enabled and not Every(None, None, 0, 0.0).due(10**9, 1e9)
 
 
+def test_a_clean_stop_publishes_the_final_policy_once(run_dir: Path) -> None:
+    """Publishing on (every 50k steps, never due here): the stop publishes step 300."""
+    args = ("--config", "config.yaml", "--run-dir", str(run_dir), "--max-steps", "300",
+            *CARTPOLE, "--set", "export.on_stop=true", "--set", "export.niceness=0")
+    done = cli("runtime.daemon", *args, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "publishing the final policy, step 300" in done.stderr
+    latest = json.loads((run_dir / "policies" / "latest.json").read_text())
+    assert latest["step"] == 300 and latest["file"] == "policy-000000000300.onnx"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["publishing"]["last_step"] == 300 and status["publishing"]["published"] == 1
+    again = cli("runtime.daemon", *args, timeout=180)  # at 300 already: nothing new to publish
+    assert again.returncode == 0, again.stderr
+    assert "publishing the final policy" not in again.stderr
+    assert len(json.loads((run_dir / "policies" / "manifest.json").read_text())["policies"]) == 1
+
+
 def test_the_daemon_publishes_signed_verified_policies(run_dir: Path, tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text(secrets.token_hex(32) + "\n")

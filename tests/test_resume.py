@@ -32,7 +32,7 @@ def run_in_process(run_dir: Path, base: str, sets: list[str], max_steps: int,
     """The daemon in this process, as `main` runs it, up to `max_steps` all-time steps.
     Returns what the stream saw and gave: ("reset", obs) and (action, reward, terminated,
     truncated, obs) in order. `sigterm_at`: a real SIGTERM during that step of this start."""
-    config = load_config(ROOT / base, [*sets, f"run.dir={run_dir}",
+    config = load_config(ROOT / base, ["export.on_stop=false", *sets, f"run.dir={run_dir}",
                                        f"run.max_steps={max_steps}"])
     daemon = Daemon(config, fresh=False)
     daemon.prepare()

@@ -25,6 +25,7 @@ STEPS = 1500
 def fast(steps: int = STEPS) -> list[str]:
     """CartPole, a checkpoint every 100 steps, status.json ten times a second."""
     return ["--set", "env.id=CartPole-v1", "--set", "log.status_every_seconds=0.1",
+            "--set", "export.on_stop=false",
             "--set", "checkpoint.every_steps=100", "--steps", str(steps)]
 
 

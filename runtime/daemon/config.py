@@ -120,6 +120,8 @@ class ExportConfig:
                                   "manifest entry (HMAC-SHA256); null = unsigned.")
     timeout_seconds: float = option(600.0, "An export still running after this long is "
                                     "stopped and counted as failed.", at_least(1))
+    on_stop: bool = option(True, "At a clean stop, publish the policy of the last step "
+                           "(unless published already), waiting up to 30 s for it.")
     niceness: int = option(10, "CPU niceness added to the publisher process (0-19): when "
                            "the CPU is short the learner comes first and policies come later.",
                            lambda v: None if 0 <= v <= 19 else "must be in 0..19")

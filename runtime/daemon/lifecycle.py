@@ -302,6 +302,8 @@ class Daemon:
         log.info("stopping (%s) at step %d", why, self.counters.steps)
         progress.tick(time.monotonic(), "stopping", force=True)
         saved = self.last_checkpoint_step == self.counters.steps or self.checkpoint()
+        if saved:  # a policy ahead of every checkpoint would outrun the run's resume
+            self.publisher.publish_final(self.counters.steps, progress.recent_returns)
         self.publisher.close()  # an export in flight may finish, and status.json says so
         progress.tick(time.monotonic(), "stopped" if saved else "failed", force=True)
         if not saved:

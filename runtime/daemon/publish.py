@@ -123,6 +123,7 @@ class Publisher:
             self.counts.last_step = max(self.counts.last_step or 0, on_disk[-1]["step"])
         self.last_error: str | None = None
         self.last_export_seconds: float | None = None
+        self._stopping = False  # no next interval to retry a failed export at
 
     # -- the one call per step --------------------------------------------------------------
 
@@ -198,8 +199,8 @@ class Publisher:
         self._in_flight = None
         self.counters.faults.export_failures += 1
         self.last_error = f"step {step}: {why}"
-        log.error("policy at step %d not published: %s; retrying at the next interval",
-                  step, why)
+        log.error("policy at step %d not published: %s%s", step, why,
+                  "" if self._stopping else "; retrying at the next interval")
 
     # -- status and shutdown -----------------------------------------------------------------
 
@@ -212,19 +213,40 @@ class Publisher:
                 else round(self.last_export_seconds, 3),
                 "last_error": self.last_error}
 
+    def publish_final(self, step: int, recent_returns: Sequence[float]) -> None:
+        """At a clean stop (export.on_stop): the policy of `step`, unless it is the newest
+        published already. An export in flight finishes first; both together wait at most
+        CLOSE_GRACE_SECONDS."""
+        self._stopping = True
+        if not (self.trigger.enabled and self.config.export.on_stop):
+            return
+        deadline = time.monotonic() + CLOSE_GRACE_SECONDS
+        self._wait(deadline)
+        if self._in_flight is not None or self.counts.last_step == step:
+            return  # close() reports an export still running
+        log.info("publishing the final policy, step %d (waiting up to %.0f s)", step,
+                 deadline - time.monotonic())
+        self._submit(step, recent_returns, time.monotonic())
+        self._wait(deadline)
+
     def close(self) -> None:
         """Let an export in flight finish (up to CLOSE_GRACE_SECONDS), then stop the
         process."""
+        self._stopping = True
         if self._in_flight is not None and self._worker is not None:
             log.info("waiting up to %.0f s for the export of step %d", CLOSE_GRACE_SECONDS,
                      self._in_flight[0])
-            deadline = time.monotonic() + CLOSE_GRACE_SECONDS
-            while self._in_flight is not None and time.monotonic() < deadline:
-                time.sleep(0.05)
-                self._collect(time.monotonic())
+            self._wait(time.monotonic() + CLOSE_GRACE_SECONDS)
             if self._in_flight is not None:
                 self._failed(self._in_flight[0], "the daemon stopped first")
         self._stop_worker()
+
+    def _wait(self, deadline: float) -> None:
+        """Until the export in flight (if any) is collected, or `deadline`."""
+        while self._in_flight is not None and self._worker is not None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._collect(time.monotonic())
 
     def _stop_worker(self) -> None:
         worker, self._worker = self._worker, None
