@@ -25,6 +25,10 @@ CARTPOLE = ["--set", "env.id=CartPole-v1"]
 # The daemons the tests start publish no final policy at their stop (an export costs
 # seconds, and dozens of daemons stop); a test about it sets export.on_stop=true after this.
 NO_FINAL_POLICY = ["--set", "export.on_stop=false"]
+# What the wheel's base install pulls onto a device: the device runtime and nothing of the
+# learner (torch, onnx).
+DEVICE_DEPENDENCIES = {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py",
+                       "prometheus-client"}
 
 
 def cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -142,7 +142,8 @@ def examples(draw: st.DrawFn) -> tuple[list[str], set[str]]:
 
 def _argv(lines: list[str], run_dir: Path) -> list[str]:
     argv = ["--config", str(ROOT / "config.yaml"), "--run-dir", str(run_dir),
-            "--max-steps", "3", "--set", "log.status_every_seconds=0.1"]
+            "--max-steps", "3", "--set", "log.status_every_seconds=0.1",
+            "--set", "export.on_stop=false"]
     for line in lines:
         argv += ["--set", line]
     return argv
@@ -182,7 +183,8 @@ def test_generated_configs_run_or_exit_2_naming_the_key() -> None:
     print(f"generated configs tried in process: {sum(outcomes.values())} "
           f"(ran: {outcomes[0]}, refused with exit 2: {outcomes[2]})")
     assert sum(outcomes.values()) == 200
-    assert outcomes[0] >= 40 and outcomes[2] >= 40  # both sides of the property were tried
+    # Both sides of the property were tried (about one config in five draws no fault).
+    assert outcomes[0] >= 25 and outcomes[2] >= 40
 
 
 def test_generated_configs_as_real_processes() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, _device_env, _env, cli
+from tests.conftest import DEVICE_DEPENDENCIES, ROOT, _device_env, _env, cli
 from tools import device_check as dc
 from tools import device_emulator as emulator
 from tools import device_probe, device_wheel
@@ -230,8 +230,7 @@ def test_the_device_gets_the_wheel_and_its_aarch64_dependencies(tmp_path: Path) 
         list(emulator.WHEEL_PLATFORMS)
     assert cmd[cmd.index("--python-version") + 1] == "3.11"
     requirements = (device.wheels / "requirements.txt").read_text().split()
-    assert {device_wheel.requirement_name(r) for r in requirements} == \
-        {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py"}
+    assert {device_wheel.requirement_name(r) for r in requirements} == DEVICE_DEPENDENCIES
     assert wheel.name in names and digest == device_wheel.wheel_digest(wheel)
     assert device.ensure_wheels(wheel)[1] == digest and len(calls) == 1  # reused
     rebuilt = device_wheel.build_wheel(tmp_path / "dist2")

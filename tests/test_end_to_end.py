@@ -163,7 +163,7 @@ def test_a_torch_free_device_follows_the_learning_daemon(device_venv: dict,
     with open(tmp_path / "daemon.err", "w") as daemon_log:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "runtime.daemon", "--config", "config.yaml", "--run-dir",
-             str(tmp_path / "run"), "--max-steps", "20000", *CARTPOLE,
+             str(tmp_path / "run"), "--max-steps", "12000", *CARTPOLE,
              "--set", "export.every_steps=500", "--set", f"export.key_file={key_file}",
              "--set", "export.niceness=0", "--set", "checkpoint.every_steps=100000"],
             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=daemon_log)

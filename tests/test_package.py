@@ -10,11 +10,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.conftest import CARTPOLE, LEARNER_ONLY, ROOT, _env, cli, device_run
+from tests.conftest import CARTPOLE, DEVICE_DEPENDENCIES, LEARNER_ONLY, ROOT, _env, cli, device_run
 from tools import device_wheel
-
-DEVICE_DEPENDENCIES = {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py",
-                       "prometheus-client"}
 
 
 def test_the_wheel_pulls_no_learner(device_venv: dict) -> None:
