@@ -1,4 +1,5 @@
-"""tools/bench_control.py and its yardstick, tools/reference_stream_ac.py, on tiny budgets."""
+"""tools/research/control.py and its yardstick, tools/research/reference_stream_ac.py, on
+tiny budgets."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from tools import bench_control, reference_stream_ac
+from tools.research import control, reference_stream_ac
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,7 +34,7 @@ def test_the_reference_learner_refuses_continuous_actions() -> None:
 
 
 def test_bench_control_prints_both_learners_per_task(capsys: pytest.CaptureFixture) -> None:
-    assert bench_control.main(["--envs", "CartPole-v1", "--steps", "400", "--seeds", "2",
+    assert control.main(["--envs", "CartPole-v1", "--steps", "400", "--seeds", "2",
                                "--max-episode-steps", "100"]) == 0
     line = json.loads(capsys.readouterr().out)
     assert line["env"] == "CartPole-v1" and line["max_episode_steps"] == 100
@@ -52,14 +53,14 @@ def test_kept_outputs_summarize_into_one_row_per_task_and_limit(tmp_path) -> Non
     theirs.write_text(json.dumps({"env": "Acrobot-v1", "max_episode_steps": 10000,
                                   "reference": {"mean_all": [-2000.0],
                                                 "mean_all_over_seeds": -2000.0}}) + "\n")
-    table = bench_control.summarize([str(ours), str(theirs)]).splitlines()
+    table = control.summarize([str(ours), str(theirs)]).splitlines()
     assert table[0] == "| task | time limit | ours.jsonl (daemon) | theirs.jsonl (reference) |"
     assert table[2] == "| Acrobot-v1 | 10000 | -155.0 (2 seeds) | -2000.0 (1 seeds) |"
 
 
 def test_bad_input_gets_one_line(tmp_path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        bench_control.main(["--summarize", str(tmp_path / "missing.jsonl")])
+        control.main(["--summarize", str(tmp_path / "missing.jsonl")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(SystemExit, match="NoSuchEnv-v0"):

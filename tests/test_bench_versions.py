@@ -1,4 +1,4 @@
-"""tools/bench_versions.py runs both trees' loops and cleans its worktree up."""
+"""tools/bench/versions.py runs both trees' loops and cleans its worktree up."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _worktrees() -> str:
 
 def test_compares_the_working_tree_with_a_commit() -> None:
     before = _worktrees()
-    done = subprocess.run([sys.executable, "tools/bench_versions.py", "--base", "HEAD",
+    done = subprocess.run([sys.executable, "tools/bench/versions.py", "--base", "HEAD",
                            "--rounds", "1", "--blocks", "1", "--block-steps", "5",
                            "--set", "env.id=CartPole-v1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -28,7 +28,7 @@ def test_compares_the_working_tree_with_a_commit() -> None:
 
 
 def test_an_unknown_base_is_one_line_and_exit_2() -> None:
-    done = subprocess.run([sys.executable, "tools/bench_versions.py", "--base", "no-such-rev"],
+    done = subprocess.run([sys.executable, "tools/bench/versions.py", "--base", "no-such-rev"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
@@ -37,7 +37,7 @@ def test_an_unknown_base_is_one_line_and_exit_2() -> None:
 
 def test_same_numbers_finds_the_working_tree_equal_to_itself() -> None:
     before = _worktrees()
-    done = subprocess.run([sys.executable, "tools/same_numbers.py", "--base", "HEAD",
+    done = subprocess.run([sys.executable, "tools/bench/same_numbers.py", "--base", "HEAD",
                            "--steps", "60", "--shape", "4", "--actions", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -1,4 +1,5 @@
-"""tools/compare_runs.py: paired per-seed figures of two run groups, read from their logs."""
+"""tools/research/compare_runs.py: paired per-seed figures of two run groups, read from their
+logs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import compare_runs
+from tools.research import compare_runs
 
 
 def write_run(run_dir: Path, returns: list[float], every: int, reached: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tools.soak_kill import FINAL_RUN_STEPS, soak
+from tools.bench.soak_kill import FINAL_RUN_STEPS, soak
 
 
 def test_twenty_kills_in_a_row_lose_nothing(run_dir: Path) -> None:

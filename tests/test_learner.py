@@ -202,7 +202,7 @@ def test_state_of_another_network_is_refused() -> None:
 def test_it_learns_cartpole_with_the_default_settings() -> None:
     """The default config.yaml's agent settings (mlp chosen by `auto`) learn CartPole-v1.
 
-    Random play scores ~22; docs/results.md has the measured returns (tools/bench_cartpole.py).
+    Random play scores ~22; docs/results.md has the measured returns (tools/research/cartpole.py).
     Threshold 150 leaves margin for platform numerics.
     """
     torch.set_num_threads(1)

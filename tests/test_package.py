@@ -32,10 +32,11 @@ def test_the_wheel_leaves_the_tools_out(device_venv: dict) -> None:
 
 
 def test_tools_run_as_scripts_from_anywhere(tmp_path: Path) -> None:
-    """`python tools/sweep.py` puts tools/, not the checkout, first on sys.path: its
-    `from tools import ...` resolves through the editable install, from any directory."""
+    """`python tools/research/sweep.py` puts tools/research/, not the checkout, first on
+    sys.path: its `from tools import ...` resolves through the editable install, from any
+    directory."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "sweep.py"), "--help"],
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "research" / "sweep.py"), "--help"],
                           cwd=tmp_path, text=True, capture_output=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: sweep")

@@ -22,7 +22,7 @@ from runtime.daemon.loop import ActingLoop
 from runtime.daemon.supervision import stream_seed
 from runtime.metrics import read_jsonl
 from tests.conftest import ROOT, cli, start_daemon, wait_for_status
-from tools.bench_learning import summarize
+from tools.research.learning import summarize
 
 WALL_CLOCK = ("time", "steps_per_s")
 
@@ -242,7 +242,7 @@ def _tensorboard_returns(run_dir: Path) -> list[tuple[int, float]]:
 def test_sigkill_between_checkpoints_then_restart_counts_every_game_once(
         tmp_path: Path) -> None:
     """Metrics follow the checkpoint: the records written after it are moved aside, and
-    the game counter, metrics.jsonl, TensorBoard and bench_learning's summary end up as
+    the game counter, metrics.jsonl, TensorBoard and tools/research/learning.py's summary end up as
     those of a run that was never killed (and so does the learner)."""
     args = ["--config", "config.yaml", "--set", "env.id=CartPole-v1",
             "--set", "checkpoint.every_steps=500", "--set", "log.status_every_seconds=0.1",

@@ -1,5 +1,5 @@
-"""tools/sweep.py: a grid of short CartPole daemons, locally and on a local Ray instance;
-the statistics over seeds on known numbers; the group curves of tools/plot_metrics.py."""
+"""tools/research/sweep.py: a grid of short CartPole daemons, locally and on a local Ray instance;
+the statistics over seeds on known numbers; the group curves of tools/research/plot_metrics.py."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 
 from runtime.metrics import read_jsonl
 from tests.conftest import ROOT, _env, wait_for_status
-from tools import bench_learning, plot_metrics, sweep
-from tools.seed_stats import bootstrap_ci, iqm, iqm_weights, last_games_mean
+from tools.research import learning, plot_metrics, sweep
+from tools.research.seed_stats import bootstrap_ci, iqm, iqm_weights, last_games_mean
 
 STEPS = 1500
 
@@ -36,7 +36,7 @@ CONFIGS = ["default", "default+agent.entropy_coeff=0.02"]
 
 
 def sweep_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "sweep.py"), *args],
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "research" / "sweep.py"), *args],
                           cwd=ROOT, env=_env(), text=True, capture_output=True,
                           timeout=timeout)
 
@@ -102,15 +102,15 @@ def test_steps_per_s_counts_the_steps_learned_in_the_recorded_wall_time(
     100 steps/s, not 200; a record begun before start_step existed covered steps from 0."""
     (tmp_path / "status.json").write_text(json.dumps({"step": 1000}))
     (tmp_path / "metrics.jsonl").write_text("")
-    record = bench_learning.begin_record(tmp_path)
+    record = learning.begin_record(tmp_path)
     assert record == {"start_step": 1000, "wall_s": 0.0}
     (tmp_path / "bench.json").write_text(json.dumps({**record, "wall_s": 10.0}))
-    assert bench_learning.begin_record(tmp_path)["start_step"] == 1000  # a resume keeps it
+    assert learning.begin_record(tmp_path)["start_step"] == 1000  # a resume keeps it
     (tmp_path / "status.json").write_text(json.dumps({"step": 2000}))
-    assert bench_learning.summarize(tmp_path)["steps_per_s"] == 100.0
+    assert learning.summarize(tmp_path)["steps_per_s"] == 100.0
     (tmp_path / "bench.json").write_text(json.dumps({"wall_s": 10.0}))
-    assert bench_learning.summarize(tmp_path)["steps_per_s"] == 200.0
-    assert bench_learning.begin_record(tmp_path / "new")["start_step"] == 0
+    assert learning.summarize(tmp_path)["steps_per_s"] == 200.0
+    assert learning.begin_record(tmp_path / "new")["start_step"] == 0
 
 
 def test_steps_per_s_of_a_run_leaves_out_the_archive_and_the_time_it_was_stopped(
@@ -194,7 +194,7 @@ def test_group_mode_of_plot_metrics_draws_one_band_per_config(swept: Path,
 def test_an_interrupted_sweep_resumes_its_runs_from_their_checkpoints(tmp_path: Path) -> None:
     args = ["--config", "seed", "agent.network=auto", *fast(3000), "--out-dir", str(tmp_path)]
     run_dir = tmp_path / "seed+agent.network=auto" / "seed-0"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "sweep.py"), *args],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "research" / "sweep.py"), *args],
                             cwd=ROOT, env=_env(), text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     wait_for_status(run_dir, 300)
@@ -260,7 +260,7 @@ def test_an_interrupted_ray_sweep_stops_its_daemons_with_a_checkpoint(tmp_path: 
     pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     args = ["--config", "default", "--seeds", "0", "1", *fast(50_000), "--ray", "local",
             "--jobs", "1", "--out-dir", str(tmp_path)]  # one CPU: seed 1 waits in Ray's queue
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "sweep.py"), *args],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "research" / "sweep.py"), *args],
                             cwd=ROOT, env=_env(), text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     first = tmp_path / "default" / "seed-0"

@@ -19,8 +19,8 @@ finishes it.
 checkpoint, config.yaml), so that the run goes on where it was archived, its stream state
 included: `python -m runtime.daemon --config RUN_DIR/config.yaml --run-dir RUN_DIR
 --max-steps N`. The archived figures are read back by the same tools as live runs:
-`python tools/sweep.py --summarize-only --out-dir docs/runs/NAME`,
-`python tools/plot_metrics.py --group docs/runs/NAME --out curve.png`.
+`python tools/research/sweep.py --summarize-only --out-dir docs/runs/NAME`,
+`python tools/research/plot_metrics.py --group docs/runs/NAME --out curve.png`.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ INT8_MIN_AGREEMENT = 0.97
 CALIBRATION_FRAMES = 128
 HELD_OUT_FRAMES = 256
 # The verification stream and the checkpoint reader live in runtime.daemon.export, shared
-# with the daemon's publisher; bench_infer.py reaches them through this module too.
+# with the daemon's publisher; tools/bench/infer.py reaches them through this module too.
 __all__ = ["ExportError", "main", "resolve_checkpoint", "stream_frames"]
 
 

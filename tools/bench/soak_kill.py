@@ -1,6 +1,6 @@
 """Kill the daemon with SIGKILL at random moments, restart it, and check nothing was lost.
 
-    python tools/soak_kill.py [--kills 200] [--run-dir DIR] [--seed 0] [--env CartPole-v1]
+    python tools/bench/soak_kill.py [--kills 200] [--run-dir DIR] [--seed 0] [--env CartPole-v1]
 
 After every kill: each published checkpoint must verify and load; the newest checkpoint's
 step never goes backwards; metrics.jsonl holds valid JSON lines except at most one torn

@@ -2,7 +2,7 @@
 
 What an embedded agent acting on a clock cares about, under its own learning load.
 
-    python tools/bench_latency.py [--steps 3000] [--env ALE/Breakout-v5] [--set KEY=VALUE ...]
+    python tools/bench/latency.py [--steps 3000] [--env ALE/Breakout-v5] [--set KEY=VALUE ...]
 
 Runs the daemon's own loop (runtime.daemon.loop.ActingLoop + A2CLearner, config.yaml plus
 the --set lines, one learner update per step) and times, per step, the decision latency:

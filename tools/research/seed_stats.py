@@ -4,7 +4,7 @@
 - `iqm`: the interquartile mean, the mean of the middle 50% of the values.
 - `bootstrap_ci`: a seeded 95% percentile bootstrap interval of a statistic over seeds.
 
-Used by tools/sweep.py (the table) and tools/plot_metrics.py (bands over seeds).
+Used by tools/research/sweep.py (the table) and tools/research/plot_metrics.py (bands over seeds).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Does the learner compute what it did at another commit? The same transitions, both trees.
 
-    python tools/same_numbers.py --base REV [--steps 300] [--shape 4 84 84] [--actions 4]
+    python tools/bench/same_numbers.py --base REV [--steps 300] [--shape 4 84 84] [--actions 4]
         [--set KEY=VALUE ...] [--base-set KEY=VALUE ...]
 
 REV is checked out into a temporary git worktree. In each tree a fresh process builds the
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tools import ROOT
-from tools.bench_versions import worktree
+from tools.bench.versions import worktree
 
 _PROBE = """
 import json, os, sys

@@ -1,6 +1,6 @@
 """Action latency and peak memory: the ONNX inference runtime vs the torch actor.
 
-    python tools/bench_infer.py (--run-dir DIR | --checkpoint FILE) [--frames 256]
+    python tools/bench/infer.py (--run-dir DIR | --checkpoint FILE) [--frames 256]
         [--repeats 4] [--model policy.onnx]
 
 Same machine, same run, same real stream observations (random actions): the actor is

@@ -1,13 +1,15 @@
 """Learning curves: return per whole game against agent steps, rolling mean over 100 games.
 
-    python tools/plot_metrics.py RUN_DIR [RUN_DIR ...] --out curve.png [--window 100]
-    python tools/plot_metrics.py --group runs/sweep/default --group NAME=DIR1,DIR2 --out c.png
+    python tools/research/plot_metrics.py RUN_DIR [RUN_DIR ...] --out curve.png [--window 100]
+    python tools/research/plot_metrics.py --group runs/sweep/default --group NAME=DIR1,DIR2 \\
+        --out c.png
 
 One line per run; the legend names each run by its directory (bench-default, bench-seed).
 `--group` draws one line per config instead: the mean over its seeds of their rolling
 means, on a common grid of steps up to where its shortest run ends, with a band of the
-95% percentile bootstrap interval of that mean over the seeds (tools/seed_stats.py). A
-group is NAME=DIR1,DIR2,... or a directory of run dirs (a config of tools/sweep.py).
+95% percentile bootstrap interval of that mean over the seeds
+(tools/research/seed_stats.py). A group is NAME=DIR1,DIR2,... or a directory of run dirs
+(a config of tools/research/sweep.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # not pyplot: no display, no global backend to set
 
 from runtime.metrics import metrics_path, read_jsonl
-from tools.seed_stats import bootstrap_ci
+from tools.research.seed_stats import bootstrap_ci
 
 GRID_POINTS = 200
 

@@ -1,11 +1,11 @@
 """Steps/s of the daemon's loop at two commits, side by side: is a change any slower?
 
-    python tools/bench_versions.py --base REV [--rounds 4] [--blocks 3] [--block-steps 300]
+    python tools/bench/versions.py --base REV [--rounds 4] [--blocks 3] [--block-steps 300]
         [--learner-only] [--set KEY=VALUE ...]
 
 REV is checked out into a temporary git worktree. Each round runs the loop of REV and of
 the working tree, one after the other, in fresh processes (`daemon_loop` of each tree's own
-tools/bench_throughput.py, default config.yaml plus the --set lines, Breakout), so the
+tools/bench/throughput.py, default config.yaml plus the --set lines, Breakout), so the
 noise of a shared machine hits both alike. `--learner-only` times `learner_only` instead:
 act and update on recorded frames, no emulator. Start-up (and compiling) is left out:
 each process warms up on 100 steps first. Prints one JSON object: the median steps/s of
@@ -33,11 +33,11 @@ from collections.abc import Iterator
 from pathlib import Path
 tree = Path.cwd()
 sys.path.insert(0, str(tree))
-spec = importlib.util.spec_from_file_location("bench", tree / "tools" / "bench_throughput.py")
+spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
-blocks, block_steps, loop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-overrides = tuple(sys.argv[4:])
+blocks, block_steps, loop = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+overrides = tuple(sys.argv[5:])
 step = getattr(bench, loop)(tree / "config.yaml", overrides)
 for _ in range(100):  # warm-up: allocator, oneDNN primitive caches
     step()
@@ -49,6 +49,13 @@ for _ in range(blocks):
     rates.append(block_steps / (time.perf_counter() - start))
 print(json.dumps(rates))
 """
+
+
+def throughput_bench(tree: Path) -> Path:
+    """The tree's tools/bench/throughput.py, or tools/bench_throughput.py in a tree from
+    before tools/ was split by purpose, so that --base can name an older commit."""
+    new = tree / "tools" / "bench" / "throughput.py"
+    return new if new.exists() else tree / "tools" / "bench_throughput.py"
 
 
 @contextlib.contextmanager
@@ -71,8 +78,9 @@ def worktree(rev: str, path: Path, tool: str) -> Iterator[Path | None]:
 
 def rates_in(tree: Path, blocks: int, block_steps: int, loop: str, overrides: list[str]
              ) -> list[float]:
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(blocks), str(block_steps), loop,
-                           *overrides], cwd=tree, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(throughput_bench(tree)), str(blocks),
+                           str(block_steps), loop, *overrides],
+                          cwd=tree, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -1,6 +1,6 @@
 """Torch operations dispatched per learner step, counted by torch's profiler.
 
-    python tools/bench_ops.py [--tree DIR] [--steps 200] [--set KEY=VALUE ...]
+    python tools/bench/ops.py [--tree DIR] [--steps 200] [--set KEY=VALUE ...]
 
 Runs `learner_only` (act and update on recorded Breakout frames, default config plus the
 --set lines) of the tree at DIR (default: this one), warms it up, then counts the
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from tools import ROOT
+from tools.bench.versions import throughput_bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tree = args.tree.resolve()
     sys.path.insert(0, str(tree))  # that tree's agent and runtime
-    spec = importlib.util.spec_from_file_location("bench", tree / "tools" / "bench_throughput.py")
+    spec = importlib.util.spec_from_file_location("bench", throughput_bench(tree))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     from torch.profiler import ProfilerActivity, profile

@@ -1,17 +1,17 @@
 """The default settings against the public stream AC(lambda) on small control tasks.
 
-    python tools/bench_control.py [--envs CartPole-v1 Acrobot-v1 MountainCar-v0]
+    python tools/research/control.py [--envs CartPole-v1 Acrobot-v1 MountainCar-v0]
                                   [--steps 50000] [--seeds 3] [--set KEY=VALUE ...]
 
 For each task and seed it learns twice from the same budget of agent steps: once with the
 daemon's own loop and config (env.id set to the task, everything else as configured), once
-with tools/reference_stream_ac.py (the public script's algorithm and defaults). It prints a
+with tools/research/reference_stream_ac.py (the public script's algorithm and defaults). It prints a
 JSON line per task with, for both: the mean return of all episodes finished within the
 budget (how fast it learns: the area under the curve) and of the last 20 (where it got),
 per seed and averaged over seeds. Both learners see the task's registered time limit, or
 both the one given by --max-episode-steps (the public script runs 10,000).
 
-    python tools/bench_control.py --summarize docs/runs/control/*.jsonl
+    python tools/research/control.py --summarize docs/runs/control/*.jsonl
 
 prints the table of kept outputs (the figures in docs/results.md): per task and time limit,
 each file's mean over seeds of the mean return within the budget, and its seed count.
@@ -30,7 +30,8 @@ from agent.learner import A2CLearner
 from runtime.daemon.config import load_config
 from runtime.daemon.loop import ActingLoop, Counters
 from runtime.streams import open_stream
-from tools import ROOT, reference_stream_ac
+from tools import ROOT
+from tools.research import reference_stream_ac
 
 
 def daemon_returns(config_path: str, overrides: list[str], env_id: str, seed: int,

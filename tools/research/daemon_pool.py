@@ -3,7 +3,7 @@
 Both take work items (key, daemon arguments), call done(key, result) as each daemon
 ends, with result = (exit code, last stderr line, wall seconds), and return False when
 interrupted (Ctrl-C or SIGTERM in the caller): the running daemons then get SIGTERM, each
-writes a final checkpoint, and no more start. tools/sweep.py decides what to run.
+writes a final checkpoint, and no more start. tools/research/sweep.py decides what to run.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Sweeps: a grid of configs x --set lines x seeds, each run a daemon, then one table.
 
-    python tools/sweep.py --config default --config seed agent.lr=3e-4 --seeds 0 1 2 \\
+    python tools/research/sweep.py --config default --config seed agent.lr=3e-4 --seeds 0 1 2 \\
         [--set-grid "" --set-grid "agent.entropy_floor=null"] [--set KEY=VALUE ...] \\
         --steps 1000000 [--jobs 2 | --ray ADDRESS] [--out-dir runs/sweep]
-    python tools/sweep.py --out-dir runs/sweep --summarize-only [--at-step 1000000]
+    python tools/research/sweep.py --out-dir runs/sweep --summarize-only [--at-step 1000000]
 
 `--config SOURCE [KEY=VALUE ...]` names a preset (default, seed) or a YAML file, with
 overrides of its own; every `--set-grid` line (space-separated KEY=VALUE, "" = none)
@@ -11,7 +11,7 @@ crosses every config; `--set` applies to all runs. Each run is
 `python -m runtime.daemon` in OUT_DIR/<config>[+<overrides>]/seed-<n>, so a sweep is
 resumable: a rerun skips runs that reached --steps and restarts the others, which resume
 from their newest checkpoints. A run dir keeps a copy of the YAML it started from
-(sweep-source.yaml) and its overrides and wall time (bench.json, as bench_learning.py
+(sweep-source.yaml) and its overrides and wall time (bench.json, as tools/research/learning.py
 writes it); a rerun that would give a run dir other overrides is refused.
 
 Locally, --jobs daemons run at once; Ctrl-C or SIGTERM stops them with a final checkpoint.
@@ -23,7 +23,7 @@ path, and every node needs this project at the same path or installed.
 The table has, per config, each seed's mean return over its last 100 games (before
 --at-step K, to read a 1M figure out of a longer run), the mean and the interquartile mean
 over seeds with 95% percentile bootstrap intervals (2,000 resamples, seeded; see
-tools/seed_stats.py), and steps/s (steps over time between the games the run learned, the
+tools/research/seed_stats.py), and steps/s (steps over time between the games the run learned, the
 times the run was stopped left out; a run restored from an archive counts from the step it
 was restored at). It also writes
 OUT_DIR/summary.json (summary-at-K.json with --at-step).
@@ -50,9 +50,9 @@ from runtime.daemon.config import ConfigError, load_config
 from runtime.files import write_atomic
 from runtime.metrics import metrics_path, read_jsonl
 from tools import ROOT
-from tools.bench_learning import PRESETS, begin_record, summarize
-from tools.daemon_pool import LocalPool, Result, connect_ray, run_on_ray
-from tools.seed_stats import bootstrap_ci, iqm, last_games_mean
+from tools.research.daemon_pool import LocalPool, Result, connect_ray, run_on_ray
+from tools.research.learning import PRESETS, begin_record, summarize
+from tools.research.seed_stats import bootstrap_ci, iqm, last_games_mean
 
 SWEEP_KEYS = ("seed", "run.dir", "run.max_steps")  # the sweep sets these itself
 STOPPED_FACTOR = 5.0  # a game this many times slower than its end rate spans a stop
@@ -159,7 +159,7 @@ def discover_runs(out_dir: Path) -> list[Run]:
 
 
 def read_record(run_dir: Path) -> dict[str, Any]:
-    """bench.json: the sweep's record of a run (tools/bench_learning.py writes wall_s too)."""
+    """bench.json: the sweep's record of a run (tools/research/learning.py writes wall_s too)."""
     path = run_dir / "bench.json"
     return json.loads(path.read_text()) if path.exists() else {}
 

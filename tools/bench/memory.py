@@ -1,6 +1,6 @@
 """Memory over a long run: the daemon's RSS at 10k steps vs at the end (a leak test).
 
-    python tools/bench_memory.py [--steps 200000] [--config config.yaml]
+    python tools/bench/memory.py [--steps 200000] [--config config.yaml]
 
 Runs the daemon in a fresh temporary run directory, polls status.json, and prints one
 JSON object: rss_mb at 10k steps and at the end, growth in percent, peak RSS.

@@ -1,6 +1,6 @@
 """Benchmark a sensor stream with uniformly random actions; prints one JSON line.
 
-Usage: python tools/bench_stream.py [--env ALE/Breakout-v5] [--steps 5000]
+Usage: python tools/bench/stream.py [--env ALE/Breakout-v5] [--steps 5000]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What publishing policies costs the learning loop, measured side by side in one run.
 
-    python tools/bench_publish.py [--env CartPole-v1] [--blocks 6] [--block-steps 2000]
+    python tools/bench/publish.py [--env CartPole-v1] [--blocks 6] [--block-steps 2000]
         [--niceness 10] [--set KEY=VALUE ...]
 
 The daemon's loop (ActingLoop + A2CLearner) runs alternating blocks of --block-steps steps:

@@ -1,6 +1,6 @@
 """How reliably the default settings learn CartPole-v1: several seeds, a fixed budget.
 
-    python tools/bench_cartpole.py [--steps 20000] [--seeds 5] [--config config.yaml]
+    python tools/research/cartpole.py [--steps 20000] [--seeds 5] [--config config.yaml]
                                    [--set KEY=VALUE ...]
 
 Uses the daemon's own loop (runtime.daemon.loop.ActingLoop, stream and learner built from the
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tools import ROOT
-from tools.bench_control import daemon_returns
+from tools.research.control import daemon_returns
 
 
 def last_20_mean(config_path: str, overrides: list[str], seed: int, steps: int) -> float:

@@ -1,6 +1,6 @@
 """The public stream AC(lambda) learner for discrete actions, as a yardstick.
 
-    python tools/reference_stream_ac.py --env Acrobot-v1 --steps 50000 --seed 0
+    python tools/research/reference_stream_ac.py --env Acrobot-v1 --steps 50000 --seed 0
 
 An independent re-implementation of the public script's algorithm with its defaults
 (Elsayed, Vasan and Mahmood, "Streaming Deep Reinforcement Learning Finally Works", 2024):
@@ -19,7 +19,7 @@ than the learner: it raises every episode's time limit to 10,000 steps
 this runs Gymnasium's registered time limit and bootstraps through truncation, as the
 daemon does, so that the two learners are compared on one task.
 
-It is a benchmark baseline, not part of the runtime: tools/bench_control.py compares the
+It is a benchmark baseline, not part of the runtime: tools/research/control.py compares the
 daemon's default settings against it, per task and seed.
 """
 

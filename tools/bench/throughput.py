@@ -1,6 +1,6 @@
 """Throughput of the learning loop: the daemon's own loop vs faithful baselines, side by side.
 
-    python tools/bench_throughput.py [--blocks 5] [--block-steps 400] [--threads 1]
+    python tools/bench/throughput.py [--blocks 5] [--block-steps 400] [--threads 1]
 
 Variants, run alternating in blocks on ALE/Breakout-v5 with the same stream (our Atari
 preprocessing) so machine noise hits all alike:

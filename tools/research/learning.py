@@ -1,11 +1,11 @@
 """Learning benchmark: run a preset through the daemon for a budget of agent steps.
 
-    python tools/bench_learning.py --preset default --steps 1000000 [--run-dir DIR]
+    python tools/research/learning.py --preset default --steps 1000000 [--run-dir DIR]
 
 It *is* the daemon (a subprocess), so a stopped benchmark resumes from its checkpoint when
 started again. At the end it prints one JSON object: mean return of the last 100 whole
 games, games, steps, wall time of the daemon's runs and steps/s. Curves:
-`python tools/plot_metrics.py RUN_DIR [RUN_DIR ...] --out curve.png`.
+`python tools/research/plot_metrics.py RUN_DIR [RUN_DIR ...] --out curve.png`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The figure is the mean of the last 100 games (or another per-game field), to read where
 (and on which seeds) one config pulls ahead of another.
 
-    python tools/compare_runs.py docs/runs/shared-stream-kappa-half \\
+    python tools/research/compare_runs.py docs/runs/shared-stream-kappa-half \\
         docs/runs/entropy-floor-decay --from 1000000 --to 2000000 --every 100000 \\
         [--field entropy] [--window 100]
 
