@@ -11,5 +11,6 @@ their commands are in docs/performance.md and docs/results.md.
     memory        the daemon's RSS over a long run (a leak test)
     stream        a sensor stream alone, with random actions
     same_numbers  whether the learner computes what it did at another commit
+    same_run      whether whole daemon runs give what they gave at another commit
     soak_kill     SIGKILL the daemon at random moments and check nothing was lost
 """

@@ -1,6 +1,6 @@
 """Does the daemon run as it did at another commit? The same runs in both trees, compared.
 
-    python tools/same_run.py --base REV [--steps 3000] [--case NAME ...]
+    python tools/bench/same_run.py --base REV [--steps 3000] [--case NAME ...]
 
 REV is checked out into a temporary git worktree. In each tree the daemon (that tree's
 code and config.yaml, `python -m runtime.daemon`, publishing off) learns each case from
@@ -24,7 +24,7 @@ import torch
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.metrics import read_jsonl
 from tools import ROOT
-from tools.bench_versions import worktree
+from tools.bench.versions import worktree
 
 CASES = {
     "breakout": [],
