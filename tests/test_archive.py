@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
+from runtime.daemon.config import ConfigError, load_config
 from runtime.metrics import metrics_path, read_jsonl
 from tests.conftest import ROOT
 from tools import archive_run
@@ -59,9 +60,21 @@ def test_a_restored_archive_is_the_run_directory_again(tmp_path: Path) -> None:
     assert archive_run.main(["--restore", str(tmp_path / "archive"), str(restored)]) == 0
     assert (restored / "metrics.jsonl").read_bytes() == \
         (tmp_path / "run" / "metrics.jsonl").read_bytes()
-    assert (restored / "config.yaml").read_text() == "seed: 0\n"
+    assert load_config(restored / "config.yaml").seed == 0
     payload, path = CheckpointStore(restored / "checkpoints", keep=3).load_latest()
     assert (payload["step"], path.name) == (50, "ckpt-000000000050.pt")
+
+
+def test_a_restored_config_names_no_key_removed_since_the_run_began(tmp_path: Path) -> None:
+    _run(tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_text(
+        "run:\n  overlap_stream: false\n  stream_process: false\nseed: 3\n")
+    archive_run.archive(tmp_path / "run", tmp_path / "archive", with_checkpoint=True)
+    with pytest.raises(ConfigError, match="run.overlap_stream: removed"):
+        load_config(tmp_path / "archive" / "config.yaml")  # as it was archived
+    restored = tmp_path / "again"
+    assert archive_run.main(["--restore", str(tmp_path / "archive"), str(restored)]) == 0
+    assert load_config(restored / "config.yaml").seed == 3  # the daemon goes on with it
 
 
 def test_restore_refuses_to_mix_into_a_run_or_to_lack_a_checkpoint(

@@ -30,7 +30,10 @@ import gzip
 import sys
 from pathlib import Path
 
+import yaml
+
 from runtime.daemon.checkpoints import CheckpointError, CheckpointStore, read_checkpoint
+from runtime.daemon.config import from_dict, to_dict
 from runtime.files import write_atomic
 
 COPIED = ("status.json", "bench.json", "config.yaml")
@@ -84,9 +87,18 @@ def restore(archived: Path, run_dir: Path) -> list[Path]:
     written = _copy(newest, checkpoints / newest.name)
     for name in COPIED:
         written += _copy(archived / name, run_dir / name)
+    _config_of_today(run_dir / "config.yaml")
     with gzip.open(packed, "rb") as log:
         write_atomic(metrics, log.read())
     return [*written, metrics]
+
+
+def _config_of_today(path: Path) -> None:
+    """The run's resolved config as today's daemon reads it: keys renamed or removed since
+    the run began are migrated the way a checkpoint's stored config is (from_dict)."""
+    if path.exists():
+        config = from_dict(yaml.safe_load(path.read_text()))
+        write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
 
 
 def _copy(source: Path, dest: Path) -> list[Path]:
