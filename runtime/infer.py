@@ -2,12 +2,13 @@
 
     python -m runtime.infer --model policy.onnx [--env ID] [--games N] [--seed S]
         [--sample] [--threads T] [--max-steps M] [--record DIR]
-    python -m runtime.infer --follow SOURCE [--key FILE] [--interval S] [--wait S]
+    python -m runtime.infer --follow SOURCE [--key FILE ...] [--interval S] [--wait S]
         [--cache DIR] [--timeout S] [--max-policy-mb MB] [--games N] [...]
 
 --follow plays the newest verified policy published in SOURCE (a policies directory or an
 http(s) URL of one) and swaps to newer ones between games (runtime.device.follow); it plays
-until --games, --max-steps or SIGINT/SIGTERM, then prints its summary.
+until --games, --max-steps or SIGINT/SIGTERM, then prints its summary. Each --key names a
+key the device trusts (the learner's public key, e.g. fleet.pub; two during a rotation).
 
 This module is the front end only: options, signals, the printed summary, and the domain's
 errors (runtime.device: ModelError, FollowError, KeyFileError; runtime.streams.StreamError;
@@ -35,7 +36,7 @@ from runtime.cli import (
     positive_int,
 )
 from runtime.device.follow import Follower, FollowError
-from runtime.device.manifest import KeyFileError
+from runtime.device.keys import KeyFileError
 from runtime.device.play import check_fits, make_stream_from_metadata, play
 from runtime.device.policy import ModelError, Policy
 from runtime.device.sources import Source
@@ -62,8 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=positive_int, help="stop after this many agent steps")
     parser.add_argument("--record", metavar="DIR", help="write one MP4 per game to DIR")
     follow = parser.add_argument_group("with --follow")
-    follow.add_argument("--key", metavar="FILE",
-                        help="shared key file: refuse policies not signed with it")
+    follow.add_argument("--key", metavar="FILE", action="append",
+                        help="the learner's public key (NAME.pub; or a shared HMAC key "
+                             "file): refuse policies not signed by a key given; repeat "
+                             "it to trust several (a key rotation)")
     follow.add_argument("--interval", type=positive_float, default=30.0,
                         help="seconds between looks at latest.json (default 30)")
     follow.add_argument("--wait", type=non_negative_float, default=0.0,
@@ -148,14 +151,14 @@ def run_follow(args: argparse.Namespace) -> dict[str, Any]:
         source = Source(args.follow, timeout=args.timeout)
     except ValueError as exc:
         raise UsageError(f"--follow {exc}") from None
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s follow: %(message)s")
     try:
         follower = Follower(source, key_file=args.key, cache_dir=args.cache,
                             interval=args.interval, max_policy_bytes=args.max_policy_mb << 20,
                             threads=args.threads)
     except KeyFileError as exc:
         raise UsageError(f"--key: {exc}") from None
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s follow: %(message)s")
     per_policy: dict[int, list[float]] = {}  # step -> [games, sum of returns]
 
     def between_games(game_return: float) -> None:

@@ -8,10 +8,12 @@ import secrets
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from runtime.device.keys import Signer, new_key_pair
 from tools import device_wheel
 from tools.device_wheel import LEARNER_ONLY
 
@@ -28,7 +30,7 @@ NO_FINAL_POLICY = ["--set", "export.on_stop=false"]
 # What the wheel's base install pulls onto a device: the device runtime and nothing of the
 # learner (torch, onnx).
 DEVICE_DEPENDENCIES = {"numpy", "onnxruntime", "pyyaml", "gymnasium", "ale-py",
-                       "prometheus-client"}
+                       "prometheus-client", "cryptography"}
 
 
 def cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -163,3 +165,26 @@ def key_file(tmp_path: Path) -> Path:
     path.chmod(0o600)
     return path
 
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An Ed25519 pair as `python -m runtime.keys new NAME` makes it: the learner's private
+    key file, the devices' public key file, its key id, and a signer of the private key."""
+
+    private: Path
+    public: Path
+    key_id: str
+    signer: Signer
+
+
+def make_key_pair(directory: Path, name: str = "fleet") -> KeyPair:
+    private, public, key_id = new_key_pair(directory / name)
+    return KeyPair(private, public, key_id, Signer.from_file(private))
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> KeyPair:
+    """The learner's Ed25519 pair, fleet.key (mode 0600) and fleet.pub, in the test's
+    directory."""
+    return make_key_pair(tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, _env
+from tests.conftest import ROOT, _env, make_key_pair
 
 # (case id, command after `python`, text the one-line error must contain)
 BAD_DAEMON_SETS = [
@@ -78,6 +78,7 @@ def _daemon_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     open_key = tmp / "open.key"
     open_key.write_text("0" * 64 + "\n")
     open_key.chmod(0o644)
+    fleet = make_key_pair(tmp, "daemon-fleet")
     daemon = ["-m", "runtime.daemon"]
     base = [*daemon, "--config", "config.yaml", "--run-dir", str(tmp / "run")]
     cases = [(name, [*base, *sum((["--set", s] for s in sets), [])], text)
@@ -98,6 +99,9 @@ def _daemon_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
          "export.key_file: key file"),
         ("key file others may read", [*base, "--set", f"export.key_file={open_key}"],
          "may be read by group or others (mode 644)"),
+        ("a public key to sign with", [*base, "--set", f"export.key_file={fleet.public}"],
+         f"export.key_file: key file {fleet.public} is a public key: the learner signs with "
+         f"the private key ({fleet.private})"),
     ]
 
 
@@ -106,8 +110,14 @@ def _tool_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     garbage.write_bytes(b"not a checkpoint")
     text_model = tmp / "model.onnx"
     text_model.write_text("hello")
+    fleet = make_key_pair(tmp)
+    open_private = make_key_pair(tmp, "readable").private
+    open_private.chmod(0o640)
+    garbage_public = tmp / "garbage.pub"
+    garbage_public.write_text("-----BEGIN PUBLIC KEY-----\nnot base64!\n-----END PUBLIC KEY-----\n")
     export = [str(ROOT / "tools" / "export_onnx.py")]
     infer = ["-m", "runtime.infer"]
+    keys = ["-m", "runtime.keys"]
     return [
         ("export: no source", [*export, "--out", str(tmp / "p.onnx")], "--run-dir"),
         ("export: missing run dir", [*export, "--run-dir", str(tmp / "nope"), "--out",
@@ -130,6 +140,21 @@ def _tool_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
          "not a directory or an http(s) URL"),
         ("infer: follow missing key", [*infer, "--follow", str(tmp), "--key",
                                        str(tmp / "none.key")], "--key: cannot read key file"),
+        ("infer: the learner's private key on a device", [*infer, "--follow", str(tmp),
+                                                          "--key", str(fleet.private)],
+         f"--key: key file {fleet.private} is a private key, which only the learner may "
+         f"hold: give the device the public key ({fleet.public})"),
+        ("infer: a corrupt public key", [*infer, "--follow", str(tmp), "--key",
+                                         str(fleet.public), "--key", str(garbage_public)],
+         f"--key: key file {garbage_public} is not a readable PEM Ed25519 public key"),
+        ("rollback: a private key others may read",
+         ["-m", "runtime.daemon.rollback", "--run-dir", str(tmp), "--to-step", "1", "--key",
+          str(open_private)], f"--key: key file {open_private} may be read by group or "
+                              f"others (mode 640)"),
+        ("keys: a new pair over a key", [*keys, "new", str(tmp / "fleet")],
+         f"keys: error: {fleet.private} exists: not replaced"),
+        ("keys: id of a corrupt key", [*keys, "id", str(garbage_public)],
+         "is not a readable PEM Ed25519 public key"),
         ("infer: follow zero interval", [*infer, "--follow", str(tmp), "--interval", "0"],
          "invalid positive number value"),
         ("infer: nothing to follow", [*infer, "--follow", str(tmp / "empty"), "--cache",

@@ -1,6 +1,7 @@
-"""From learner to device as one product: the daemon learns CartPole and publishes signed
-policies, a static HTTP server serves them, and a torch-free player installed from the
-wheel follows them while bad policies are injected and the server goes down and comes back.
+"""From learner to device as one product: the daemon learns CartPole and publishes policies
+signed with an Ed25519 key made by `python -m runtime.keys new`, a static HTTP server serves
+them, and a torch-free player installed from the wheel, holding only the public key, follows
+them while bad policies are injected and the server goes down and comes back.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import http.server
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -23,9 +23,10 @@ from agent.learner import A2CLearner
 from runtime.daemon.config import load_config
 from runtime.daemon.export import policy_weights, stream_spec
 from runtime.daemon.publish import PolicyWriter
-from runtime.device.manifest import load_key, policy_file, sha256_file, sign
+from runtime.device.keys import Signer
+from runtime.device.manifest import policy_file, sha256_file, sign
 from runtime.files import write_atomic
-from tests.conftest import CARTPOLE, ROOT, _device_env, _env
+from tests.conftest import CARTPOLE, ROOT, _device_env, _env, make_key_pair
 
 PLAYING = r"playing policy step (\d+)"
 
@@ -102,7 +103,8 @@ def _acrobot_policy(base: Path) -> bytes:
     return (writer.directory / entry["file"]).read_bytes()
 
 
-def _inject(kind: str, policies: Path, lines: Lines, key: bytes, acrobot: bytes) -> dict:
+def _inject(kind: str, policies: Path, lines: Lines, key: Signer, attacker: Signer,
+            acrobot: bytes) -> dict:
     """Publish a bad policy through latest.json and wait for the player to refuse it. The
     daemon may publish a newer one before the player looks: then try again."""
     for _ in range(6):
@@ -126,9 +128,13 @@ def _inject(kind: str, policies: Path, lines: Lines, key: bytes, acrobot: bytes)
             fields.update(env_id="Acrobot-v1", observation_shape=[6], num_actions=3,
                           sha256=hashlib.sha256(acrobot).hexdigest(), size=len(acrobot))
             entry = sign(fields, key)
-        else:  # signed by someone else
+        elif kind == "another key":  # an attacker's own key pair
             data = good
-            entry = sign(fields, secrets.token_hex(32).encode())
+            entry = sign(fields, attacker)
+        else:  # an attacker's signature under the learner's key id
+            data = good
+            entry = sign(fields, attacker)
+            entry["signature"] = entry["signature"].replace(attacker.key_id, key.key_id)
         (policies / entry["file"]).write_bytes(bytes(data))
         write_atomic(policies / "latest.json", json.dumps(entry).encode())
         _, match = lines.wait(rf"refused policy step {step}: (.*)|{PLAYING}", mark, timeout=30,
@@ -141,10 +147,11 @@ def _inject(kind: str, policies: Path, lines: Lines, key: bytes, acrobot: bytes)
 
 def test_a_torch_free_device_follows_the_learning_daemon(device_venv: dict,
                                                          tmp_path: Path) -> None:
-    key_file = tmp_path / "policy.key"
-    key_file.write_text(secrets.token_hex(32) + "\n")
-    key_file.chmod(0o600)
-    key = load_key(key_file)
+    made = subprocess.run([sys.executable, "-m", "runtime.keys", "new", "fleet"],
+                          cwd=tmp_path, env=_env(), text=True, capture_output=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    key_file, public_key = tmp_path / "fleet.key", tmp_path / "fleet.pub"
+    key, attacker = Signer.from_file(key_file), make_key_pair(tmp_path, "attacker").signer
     acrobot = _acrobot_policy(tmp_path / "acrobot")
     policies = tmp_path / "run" / "policies"
     policies.mkdir(parents=True)
@@ -156,7 +163,7 @@ def test_a_torch_free_device_follows_the_learning_daemon(device_venv: dict,
     # started before anything is published; it waits for the first policy.
     player = subprocess.Popen(
         [str(device_venv["python"]), "-m", "runtime.infer", "--follow", url, "--key",
-         str(key_file), "--interval", "0.3", "--wait", "300", "--timeout", "2", "--cache",
+         str(public_key), "--interval", "0.3", "--wait", "300", "--timeout", "2", "--cache",
          str(device / "cache")], cwd=device, env=_device_env(), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(5))
     lines = Lines(player.stderr)
@@ -171,8 +178,9 @@ def test_a_torch_free_device_follows_the_learning_daemon(device_venv: dict,
     try:
         first, _ = lines.wait(PLAYING, timeout=300)
         lines.wait(PLAYING, first + 1, timeout=120)
-        refused = {kind: _inject(kind, policies, lines, key, acrobot)
-                   for kind in ("corrupt", "another environment", "wrong key")}
+        refused = {kind: _inject(kind, policies, lines, key, attacker, acrobot)
+                   for kind in ("corrupt", "another environment", "another key",
+                                "wrong key")}
 
         # The server goes down and comes back; play goes on and the next policy arrives.
         mark = len(lines.lines)
@@ -206,7 +214,10 @@ def test_a_torch_free_device_follows_the_learning_daemon(device_venv: dict,
     reasons = {kind: r["reason"] for kind, r in refused.items()}
     assert "sha256" in reasons["corrupt"]
     assert "made for Acrobot-v1" in reasons["another environment"]
-    assert "signature does not match" in reasons["wrong key"]
+    assert f"entry signed by key {attacker.key_id}, which this device does not trust" \
+        in reasons["another key"]
+    assert f"entry signature does not match the key {key.key_id}" in reasons["wrong key"]
+    assert re.search(rf"{PLAYING} .*signed by key {key.key_id}", stderr)
     assert [r["step"] for r in summary["refused"]] == [r["step"] for r in refused.values()]
     injected = {r["step"] for r in refused.values()}
     steps = summary["policies_played"]

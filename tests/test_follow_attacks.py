@@ -6,8 +6,9 @@ byte every 0.2 s (the body of latest.json, its headers, a policy file), SIGINT/S
 to a player process while a slow download is in progress, and genuine entries served again
 to send a device back (an older step of its run, a run it left, an older run). Real HTTP
 servers on 127.0.0.1, timeouts of a second or two. Torch-free: the policies are tiny ONNX
-graphs made here (a linear CartPole actor with the exporter's metadata), signed with the
-standard library.
+graphs made here (a linear CartPole actor with the exporter's metadata), signed with a shared
+HMAC key, or with an Ed25519 key whose public key is all the device holds (the attacker's
+keys, a rotation).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,9 +34,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runtime.contract import StreamOptions
 from runtime.device.follow import PARTIAL, Follower, FollowError
+from runtime.device.keys import Signer
 from runtime.device.manifest import load_key, policy_file, run_fields, sign
 from runtime.device.sources import Source, SourceError
-from tests.conftest import ROOT, _env
+from tests.conftest import ROOT, KeyPair, _env, make_key_pair
 
 DRIP_SECONDS = 0.2  # between two bytes of a dripping server
 TIMEOUT = 1.0  # the source's timeout: one read, and the whole of latest.json
@@ -72,8 +75,9 @@ def policy_bytes(step: int, env_id: str = "CartPole-v1") -> bytes:
     return model.SerializeToString()
 
 
-def entry_for(step: int, data: bytes, key: bytes | None, **changes: object) -> dict:
-    """The publisher's entry for `data` at `step` (signed with `key`), with `changes`."""
+def entry_for(step: int, data: bytes, key: Signer | bytes | None, **changes: object) -> dict:
+    """The publisher's entry for `data` at `step` (signed with `key`: a Signer or an HMAC
+    secret), with `changes`."""
     fields = {"format": 1, "step": step, "file": policy_file(step),
               "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
               "env_id": "CartPole-v1", "observation_shape": [4],
@@ -190,7 +194,8 @@ def served(tmp_path: Path) -> Iterator[Served]:
     server.close()
 
 
-def _follower(url: str, key_file: Path | None, cache: Path, **kwargs: object) -> Follower:
+def _follower(url: str, key_file: Path | list[Path] | None, cache: Path,
+              **kwargs: object) -> Follower:
     kwargs.setdefault("interval", 3600)
     kwargs.setdefault("download_seconds", DOWNLOAD)
     return Follower(Source(url, timeout=TIMEOUT), key_file=key_file, cache_dir=cache, **kwargs)
@@ -364,6 +369,121 @@ def test_a_restart_takes_a_newer_verified_policy_and_never_fetches_the_cached_on
     assert follower.step == 200
     assert sorted(p.name for p in cache.iterdir()) == ["accepted.json", "current.json",
                                                        policy_file(200)]
+
+
+# -- Ed25519: the device holds the public key only -------------------------------------------
+
+# attack -> a needle of the reason a device holding fleet.pub gives
+ED25519_ATTACKS = ("an attacker's own key", "another key under the trusted key's id",
+                   "a shared HMAC key", "a field changed after signing")
+
+
+def _ed25519_attack(attack: str, fleet: KeyPair, attacker: KeyPair, data: bytes,
+                    step: int) -> tuple[dict, str]:
+    """An entry for `data` at `step` made as `attack` says, and a needle of the reason a
+    device that trusts fleet.pub refuses it."""
+    if attack == "an attacker's own key":
+        return entry_for(step, data, attacker.signer), \
+            f"entry signed by key {attacker.key_id}, which this device does not trust " \
+            f"(it trusts Ed25519 key {fleet.key_id})"
+    if attack == "another key under the trusted key's id":
+        # Whoever holds the public key has nothing to sign with: any other key's signature,
+        # named as the trusted key's, does not verify.
+        forged = entry_for(step, data, attacker.signer)
+        forged["signature"] = forged["signature"].replace(attacker.key_id, fleet.key_id)
+        return forged, f"entry signature does not match the key {fleet.key_id}"
+    if attack == "a shared HMAC key":
+        return entry_for(step, data, secrets.token_hex(32).encode()), \
+            "entry is signed with a shared HMAC key, which this device does not trust"
+    assert attack == "a field changed after signing"
+    return {**entry_for(step, data, fleet.signer), "mean_return": 1e9}, \
+        "entry signature does not match the key"
+
+
+def test_a_device_with_the_public_key_plays_only_what_the_private_key_signed(
+        served: Served, fleet: KeyPair, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="runtime.follow")
+    attacker, cache = make_key_pair(tmp_path, "attacker"), tmp_path / "cache"
+    first = policy_bytes(100)
+    served.offer(entry_for(100, first, fleet.signer), first)
+    follower = _follower(served.url, fleet.public, cache)
+    try:
+        follower.start()
+        assert follower.step == 100 and isinstance(follower.act(np.zeros(4, np.float32)), int)
+        data = policy_bytes(200)
+        for attack in ED25519_ATTACKS:
+            entry, needle = _ed25519_attack(attack, fleet, attacker, data, 200)
+            served.offer(entry, data)
+            assert follower.check() is None, attack
+            print(attack, "->", follower.refused[-1]["reason"])
+            assert needle in follower.refused[-1]["reason"], attack
+        assert served.requests(policy_file(200)) == []  # all refused before downloading
+        genuine = policy_bytes(300)
+        served.offer(entry_for(300, genuine, fleet.signer), genuine)
+        follower._ready = follower.check()
+        assert follower.reload() and follower.step == 300
+    finally:
+        follower.close()
+    assert [r["step"] for r in follower.refused] == [200] * len(ED25519_ATTACKS)
+    assert f"playing policy step 300 (policy-000000000300.onnx, signed by key " \
+           f"{fleet.key_id}, was step 100)" in [r.getMessage() for r in caplog.records]
+
+
+def test_a_key_rotation_keeps_devices_playing_and_then_drops_the_old_key(
+        served: Served, tmp_path: Path) -> None:
+    """Devices trust OLD.pub and NEW.pub while the learner moves to NEW.key: entries of
+    either play. A device that then drops OLD.pub refuses what OLD.key signs."""
+    old, new = make_key_pair(tmp_path, "old"), make_key_pair(tmp_path, "new")
+    cache = tmp_path / "cache"
+    both = _follower(served.url, [old.public, new.public], cache)
+    try:
+        for step, signer in ((100, old.signer), (200, new.signer), (300, old.signer),
+                             (400, new.signer)):
+            data = policy_bytes(step)
+            served.offer(entry_for(step, data, signer), data)
+            if step == 100:
+                both.start()
+            else:
+                both._ready = both.check()
+                assert both.reload(), both.refused
+            assert both.step == step
+    finally:
+        both.close()
+    only_new = _follower(served.url, [new.public], cache)
+    try:
+        only_new.start()  # the cached policy of step 400, signed by NEW
+        assert only_new.step == 400 and only_new.refused == []
+        data = policy_bytes(500)
+        served.offer(entry_for(500, data, old.signer), data)
+        assert only_new.check() is None
+        assert only_new.refused[-1]["reason"] == (
+            f"entry signed by key {old.key_id}, which this device does not trust (it trusts "
+            f"Ed25519 key {new.key_id})")
+    finally:
+        only_new.close()
+
+
+def test_the_player_trusts_each_key_given_and_warns_of_a_public_key_others_may_write(
+        served: Served, tmp_path: Path) -> None:
+    old, new = make_key_pair(tmp_path, "old"), make_key_pair(tmp_path, "new")
+    new.public.chmod(0o666)
+    data = policy_bytes(100)
+    served.offer(entry_for(100, data, new.signer), data)
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.infer", "--follow", served.url, "--key",
+         str(old.public), "--key", str(new.public), "--games", "2", "--cache",
+         str(tmp_path / "cache")], cwd=ROOT, env=_env(), text=True, capture_output=True,
+        timeout=120)
+    print(done.stderr)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["policies_played"] == [100]
+    warnings = [line for line in done.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        f"public key file {new.public} may be written by group or others (mode 666): whoever "
+        f"replaces it chooses which policies this device trusts; chmod 644 {new.public}")
+    assert f"playing policy step 100 (policy-000000000100.onnx, signed by key {new.key_id})" \
+        in done.stderr
 
 
 # -- while playing -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import secrets
 import signal
@@ -16,15 +17,17 @@ import runtime.daemon.export as export_module
 from agent.learner import A2CLearner
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.daemon.config import load_config
+from runtime.daemon.errors import SetupError
 from runtime.daemon.export import VerificationError, stream_spec
 from runtime.daemon.lifecycle import Daemon
 from runtime.daemon.loop import Counters
-from runtime.daemon.publish import PolicyWriter, Publisher
+from runtime.daemon.publish import PolicyWriter, Publisher, export_key
 from runtime.daemon.rollback import rollback
 from runtime.daemon.triggers import Every
+from runtime.device.keys import TrustedKeys
 from runtime.device.manifest import ManifestError, new_run, parse_entry, sha256_file
 from runtime.device.policy import Policy
-from tests.conftest import CARTPOLE, ROOT, cli
+from tests.conftest import CARTPOLE, ROOT, KeyPair, cli
 
 
 def _cartpole(run_dir: Path, *overrides: str) -> tuple:
@@ -189,6 +192,29 @@ def test_the_writer_keeps_the_newest_and_never_publishes_a_failed_check(
     assert json.loads((policies / "latest.json").read_text())["step"] == 600
     assert sorted(p.name for p in policies.glob("policy-*.onnx")) == [
         "policy-000000000300.onnx", "policy-000000000600.onnx"]
+
+
+def test_the_publisher_process_signs_with_the_learners_ed25519_key(
+        tmp_path: Path, fleet: KeyPair) -> None:
+    """The setup handed to the publisher process (spawn: it must pickle) carries the key
+    file's bytes; the process rebuilds the signer from them. Its entries verify with the
+    public key alone."""
+    config, learner, spec = _cartpole(tmp_path / "run", f"export.key_file={fleet.private}")
+    signer = export_key(config)
+    assert signer.key_id == fleet.key_id
+    publisher = Publisher(config, tmp_path / "run", learner, spec, Counters(), key=signer)
+    setup = pickle.loads(pickle.dumps(publisher.setup()))
+    entry = PolicyWriter.from_setup(setup).publish(_job(learner, 100))
+    assert entry["signature"].startswith(f"ed25519:{fleet.key_id}:")
+    trusted = TrustedKeys.from_files([fleet.public])
+    assert parse_entry(entry, trusted, max_size=10**8).step == 100
+    with pytest.raises(ManifestError, match="signature does not match"):
+        parse_entry({**entry, "step": 100, "mean_return": 99.0}, trusted, max_size=10**8)
+    # A public key cannot sign: the daemon refuses it before it starts.
+    public = load_config(ROOT / "config.yaml", [f"export.key_file={fleet.public}"])
+    with pytest.raises(SetupError, match=r"export.key_file: key file .*fleet.pub is a public "
+                                         r"key: the learner signs with the private key"):
+        export_key(public)
 
 
 def _kept(policies: Path) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from runtime.daemon.process import RunDirLock
 from runtime.daemon.rollback import main
 from runtime.device.follow import Follower
+from runtime.device.keys import Signer, TrustedKeys
 from runtime.device.manifest import (
     index_bytes,
     load_key,
@@ -27,13 +29,13 @@ from runtime.device.manifest import (
     sign,
 )
 from runtime.files import write_atomic
-from tests.conftest import cli
+from tests.conftest import cli, make_key_pair
 from tests.test_follow_attacks import RUN_A, entry_for, policy_bytes
 
 STEPS = (1000, 2000, 3000, 4000)
 
 
-def publish(run_dir: Path, key: bytes | None, step: int, run: dict | None = RUN_A) -> dict:
+def publish(run_dir: Path, key: Signer | bytes | None, step: int, run: dict | None = RUN_A) -> dict:
     """What the daemon's publisher does for `step`: the file, the entry (the next sequence
     of the run, signed), manifest.json and latest.json."""
     policies = run_dir / "policies"
@@ -84,17 +86,39 @@ def _rollback(run_dir: Path, step: int, key_file: Path,
     return code, out, err
 
 
+@dataclass(frozen=True)
+class Signing:
+    """How the learner signs and what a device trusts: `key` signs entries (as the daemon
+    does), `learner_key` is the rollback's --key, `device_key` the Follower's."""
+
+    key: Signer | bytes
+    learner_key: Path
+    device_key: Path
+    trusted: TrustedKeys | bytes
+    note: str  # what the device's "playing policy" line says of the signer
+
+
+@pytest.fixture(params=["hmac", "ed25519"])
+def signing(request: pytest.FixtureRequest, key_file: Path, tmp_path: Path) -> Signing:
+    if request.param == "hmac":
+        return Signing(load_key(key_file), key_file, key_file, load_key(key_file), "")
+    pair = make_key_pair(tmp_path)
+    return Signing(pair.signer, pair.private, pair.public,
+                   TrustedKeys.from_files([pair.public]), f"signed by key {pair.key_id}, ")
+
+
 def test_a_rollback_is_played_and_holds_across_a_restart(
-        key_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        signing: Signing, tmp_path: Path, capsys: pytest.CaptureFixture,
         caplog: pytest.LogCaptureFixture) -> None:
-    key, run_dir, cache = load_key(key_file), tmp_path / "run", tmp_path / "cache"
+    key, run_dir, cache = signing.key, tmp_path / "run", tmp_path / "cache"
+    key_file = signing.device_key
     entries = {step: publish(run_dir, key, step) for step in STEPS}
     caplog.set_level(logging.INFO, logger="runtime.follow")
     follower = _follower(run_dir, key_file, cache)
     try:
         follower.start()
         assert follower.step == 4000
-        code, out, err = _rollback(run_dir, 2000, key_file, capsys)
+        code, out, err = _rollback(run_dir, 2000, signing.learner_key, capsys)
         print(out, err)
         assert (code, err) == (0, "") and out.count("\n") == 1
         assert "names the policy of step 2000 again (sequence 5 of run" in out
@@ -105,7 +129,7 @@ def test_a_rollback_is_played_and_holds_across_a_restart(
         assert {k: v for k, v in latest.items() if k not in (
             "sequence", "replaces", "signature")} == {
             k: v for k, v in entries[2000].items() if k not in ("sequence", "signature")}
-        assert parse_entry(latest, key, 1 << 20).replaces["step"] == 4000  # signed
+        assert parse_entry(latest, signing.trusted, 1 << 20).replaces["step"] == 4000
         assert _take(follower) == 2000  # the learner said so
         assert isinstance(follower.act(np.zeros(4, np.float32)), int)
     finally:
@@ -125,8 +149,8 @@ def test_a_rollback_is_played_and_holds_across_a_restart(
     assert again.summary()["policies_played"] == [2000, 5000]
     lines = [r.getMessage() for r in caplog.records]
     print("\n".join(lines))
-    assert f"playing policy step 2000 of run {RUN_A['id']} (policy-000000002000.onnx, a " \
-           f"rollback by the learner from step 4000, was step 4000)" in lines
+    assert f"playing policy step 2000 of run {RUN_A['id']} (policy-000000002000.onnx, " \
+           f"{signing.note}a rollback by the learner from step 4000, was step 4000)" in lines
 
 
 def test_a_replayed_or_relabelled_rollback_is_refused(

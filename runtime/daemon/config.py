@@ -116,8 +116,12 @@ class ExportConfig:
                                          "only by steps.", at_least(1, allow_none=True))
     keep: int = option(5, "How many of the newest policies (files and manifest entries) "
                        "to keep.", at_least(1))
-    key_file: str | None = option(None, "File holding the shared key that signs each "
-                                  "manifest entry (HMAC-SHA256); null = unsigned.")
+    key_file: str | None = option(None, "Key file that signs each manifest entry: an "
+                                  "Ed25519 private key, NAME.key of `python -m runtime.keys "
+                                  "new NAME` (recommended: devices hold only NAME.pub and "
+                                  "cannot sign), or a shared HMAC-SHA256 secret file (standard "
+                                  "library only; every device holds what signs); null = "
+                                  "unsigned.")
     timeout_seconds: float = option(600.0, "An export still running after this long is "
                                     "stopped and counted as failed.", at_least(1))
     on_stop: bool = option(True, "At a clean stop, publish the policy of the last step "

@@ -11,13 +11,14 @@ and parity with the torch actor on real stream frames), and only then publishes 
     policies/manifest.json        every kept entry, oldest first (runtime.device.manifest)
     policies/latest.json          the newest entry alone, what devices poll
 
-both JSON files replaced atomically, the newest `export.keep` kept, in the order they were
-published (a rollback, runtime.daemon.rollback, is the newest entry though its step is
-not). Each entry names the run (`run`, `run_started`: the daemon's run identity, kept in
-its checkpoints) and its `sequence` in the directory's publishing order. One export at a time:
-a due publish waits while one runs. A failed export (or a crashed or hung publisher
-process) is logged, counted in status.json (faults.export_failures) and retried at the
-next interval; nothing here can stop learning.
+both JSON files replaced atomically, each entry signed with `export.key_file` when set
+(runtime.device.keys: an Ed25519 private key or an HMAC secret), the newest `export.keep`
+kept, in the order they were published (a rollback, runtime.daemon.rollback, is the newest
+entry though its step is not). Each entry names the run (`run`, `run_started`: the
+daemon's run identity, kept in its checkpoints) and its `sequence` in the directory's
+publishing order. One export at a time: a due publish waits while one runs. A failed
+export (or a crashed or hung publisher process) is logged, counted in status.json
+(faults.export_failures) and retried at the next interval; nothing here can stop learning.
 """
 
 from __future__ import annotations
@@ -53,13 +54,12 @@ from runtime.daemon.export import (
 from runtime.daemon.loop import Counters
 from runtime.daemon.progress import RECENT_GAMES
 from runtime.daemon.triggers import Every
+from runtime.device.keys import KeyFileError, Signer
 from runtime.device.manifest import (
     FORMAT,
     LATEST,
     MANIFEST,
-    KeyFileError,
     index_bytes,
-    load_key,
     manifest_bytes,
     next_sequence,
     policy_file,
@@ -77,10 +77,10 @@ POLL_SECONDS = 0.2  # how often the loop looks for a finished export
 CLOSE_GRACE_SECONDS = 30.0  # at shutdown, an export in flight may finish this long
 
 
-def export_key(config: Config) -> bytes | None:
-    """The signing key of export.key_file (None when unset); SetupError naming the key."""
+def export_key(config: Config) -> Signer | None:
+    """The signer of export.key_file (None when unset); SetupError naming the key."""
     try:
-        return load_key(config.export.key_file) if config.export.key_file else None
+        return Signer.from_file(config.export.key_file) if config.export.key_file else None
     except KeyFileError as exc:
         raise SetupError(f"export.key_file: {exc}") from None
 
@@ -90,7 +90,7 @@ class Publisher:
 
     def __init__(self, config: Config, run_dir: Path, learner: A2CLearner,
                  spec: dict[str, Any], counters: Counters, fresh: bool = False,
-                 key: bytes | None = None, run: dict[str, Any] | None = None) -> None:
+                 key: Signer | None = None, run: dict[str, Any] | None = None) -> None:
         """`key`: export_key(config), read before anything else starts; `run`: the run
         identity entries name (runtime.device.manifest.new_run; None: entries without
         one)."""
@@ -155,15 +155,21 @@ class Publisher:
 
     def _start_worker(self) -> None:
         self._stop_worker()
-        export = self.config.export
-        setup = {"config": to_dict(self.config), "spec": self.spec,
-                 "directory": str(self.directory), "key": self.key, "keep": export.keep,
-                 "niceness": export.niceness, "parent": os.getpid(), "run": self.run}
+        setup = self.setup()
         self._jobs, self._results = self._context.Queue(), self._context.Queue()
         self._worker = self._context.Process(target=serve, args=(setup, self._jobs,
                                                                  self._results),
                                              name="policy-publisher", daemon=True)
         self._worker.start()
+
+    def setup(self) -> dict[str, Any]:
+        """What the publisher process starts from: plain data that pickles. The signer
+        travels as its key file's bytes and is rebuilt there (a key object does not pickle)."""
+        export = self.config.export
+        key = (self.key.material, self.key.name) if self.key is not None else None
+        return {"config": to_dict(self.config), "spec": self.spec,
+                "directory": str(self.directory), "key": key, "keep": export.keep,
+                "niceness": export.niceness, "parent": os.getpid(), "run": self.run}
 
     def _collect(self, now: float) -> None:
         step, started = self._in_flight
@@ -298,8 +304,10 @@ class PolicyWriter:
     """Exports, verifies and publishes weight snapshots into the policies directory."""
 
     def __init__(self, config: Config, spec: dict[str, Any], directory: Path,
-                 key: bytes | None, keep: int, run: dict[str, Any] | None = None) -> None:
-        """`run`: the run identity every entry names (None: entries as daemons before run
+                 key: Signer | bytes | None, keep: int, run: dict[str, Any] | None = None
+                 ) -> None:
+        """`key`: what entries are signed with (bytes: an HMAC secret; None: unsigned);
+        `run`: the run identity every entry names (None: entries as daemons before run
         identities wrote them)."""
         self.config = config
         self.run = run
@@ -320,8 +328,9 @@ class PolicyWriter:
 
     @classmethod
     def from_setup(cls, setup: dict[str, Any]) -> PolicyWriter:
+        key = Signer.load(*setup["key"]) if setup["key"] is not None else None
         return cls(from_dict(setup["config"]), setup["spec"], Path(setup["directory"]),
-                   setup["key"], setup["keep"], setup.get("run"))
+                   key, setup["keep"], setup.get("run"))
 
     def _metadata(self, step: int) -> dict[str, str]:
         return build_metadata(self.config, self.stream_spec, step, self.spec["network"],

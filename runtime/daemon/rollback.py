@@ -1,18 +1,20 @@
-"""`python -m runtime.daemon.rollback --run-dir RUN_DIR --to-step N --key policy.key`: send
+"""`python -m runtime.daemon.rollback --run-dir RUN_DIR --to-step N --key fleet.key`: send
 the devices back to a kept policy, signed by the learner.
 
 A device never plays a policy older than one it played, except this: the kept policy of step
 N (still in RUN_DIR/policies and its manifest.json) is published again as the newest entry,
 with the next `sequence` of the run and `replaces` naming the entry it replaces, signed with
-the key (runtime.device.manifest.rollback_entry). A device that follows with that key
-takes it because the learner signed it with a sequence newer than any it played, not
-because of its step: an old entry served again has an older sequence, and an entry changed
-to look like a rollback no longer matches its signature.
+the key the daemon signs with (export.key_file: an Ed25519 private key or an HMAC secret;
+runtime.device.manifest.rollback_entry). A device that trusts that key takes it because
+the learner signed it with a sequence newer than any it played, not because of its step: an
+old entry served again has an older sequence, and an entry changed to look like a rollback
+no longer matches its signature.
 
 The daemon must be stopped (the run directory's lock): its next policy would replace the
 rollback anyway, and it must not write the manifest at the same time. Devices go on from the
-rollback with the daemon's next policy of a higher step. Standard library only (no torch:
-it starts at once). Exit 0 and one line on stdout; bad input is one line and exit 2.
+rollback with the daemon's next policy of a higher step. No torch (it starts at once);
+`cryptography` only for an Ed25519 key. Exit 0 and one line on stdout; bad input is one
+line and exit 2.
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from pathlib import Path
 from runtime.cli import OneLineParser, UsageError
 from runtime.daemon.errors import SetupError
 from runtime.daemon.process import RunDirLock
+from runtime.device.keys import KeyFileError, Signer
 from runtime.device.manifest import (
     LATEST,
     MANIFEST,
-    KeyFileError,
     ManifestError,
     checked_run,
     index_bytes,
-    load_key,
     manifest_bytes,
     new_run,
     next_sequence,
@@ -57,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--to-step", required=True, type=int, metavar="N",
                         help="the step of the kept policy devices go back to")
     parser.add_argument("--key", required=True, type=Path,
-                        help="the key the daemon signs with (export.key_file)")
+                        help="the key the daemon signs with (export.key_file: NAME.key, "
+                             "or a shared HMAC key file)")
     return parser.parse_args(argv)
 
 
@@ -79,7 +81,7 @@ def _manifest(directory: Path) -> list[dict]:
     return entries
 
 
-def rollback(run_dir: Path, step: int, key: bytes) -> dict:
+def rollback(run_dir: Path, step: int, key: Signer | bytes) -> dict:
     """Publish the kept policy of `step` again as the newest entry; returns the entry.
     RollbackError (one line) when it cannot be done."""
     directory = run_dir / "policies"
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.to_step < 0:
             raise UsageError(f"--to-step: {args.to_step} is not a step (>= 0)")
         try:
-            key = load_key(args.key)
+            key = Signer.from_file(args.key)
         except KeyFileError as exc:
             raise UsageError(f"--key: {exc}") from None
         if not args.run_dir.is_dir():

@@ -1,6 +1,6 @@
 """A policy that follows a learner's published policies (no torch).
 
-    follower = Follower("http://learner:8000/", key_file="policy.key")
+    follower = Follower("http://learner:8000/", key_file="fleet.pub")
     follower.start()                      # the first policy, or FollowError
     while running:
         observation, done = env.reset(), False
@@ -24,7 +24,7 @@ passes the old step).
 
 A background thread (a daemon thread) then reads `latest.json` every `interval` seconds.
 When it names another policy than the one playing, the thread checks the entry
-(runtime.device.manifest: file name, size bound, signature with a key, newer than what this
+(runtime.device.manifest: file name, size bound, signature with keys, newer than what this
 device accepted), downloads the file to a temporary file in the cache directory within a
 total deadline, checks its size and SHA-256, loads it (format version, metadata), checks
 that it plays the same stream as the current policy, and runs one forward pass on a real
@@ -42,6 +42,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,12 @@ from typing import Any
 import numpy as np
 
 from runtime.contract import OPTION_NAMES
+from runtime.device.keys import TrustedKeys, signed_by
 from runtime.device.manifest import (
     ACCEPTED,
     Accepted,
     Entry,
     ManifestError,
-    load_key,
     parse_entry,
     parse_index,
     run_label,
@@ -107,15 +108,19 @@ def default_cache_dir(source: Source) -> Path:
 class Follower:
     """act(observation) with the newest verified policy; reload() between games."""
 
-    def __init__(self, source: Source | str, *, key_file: str | Path | None = None,
+    def __init__(self, source: Source | str, *,
+                 key_file: str | Path | Sequence[str | Path] | None = None,
                  cache_dir: str | Path | None = None, interval: float = 30.0,
                  max_policy_bytes: int = DEFAULT_MAX_POLICY_BYTES,
                  download_seconds: float = 300.0, threads: int = 1) -> None:
         """`source`: a policies directory or its http(s) URL (ValueError if neither);
-        `key_file`: the learner's shared key, required on every entry when given
-        (KeyFileError if unreadable); `cache_dir`: where verified policies are kept."""
+        `key_file`: a key file, or a list of them (several during a rotation): the
+        learner's public keys (or shared secrets), one of which must have signed every
+        entry (runtime.device.keys; KeyFileError if one cannot be used); `cache_dir`: where
+        verified policies are kept."""
         self.source = source if isinstance(source, Source) else Source(source)
-        self.key = load_key(key_file) if key_file is not None else None
+        paths = [key_file] if isinstance(key_file, str | Path) else list(key_file or [])
+        self.trusted = TrustedKeys.from_files(paths) if paths else None
         self.cache = Path(cache_dir) if cache_dir is not None else \
             default_cache_dir(self.source)
         self.interval = interval
@@ -357,14 +362,14 @@ class Follower:
 
     def _verify(self, data: Any, download_seconds: float) -> Candidate:
         try:
-            entry = parse_entry(data, self.key, self.max_policy_bytes)
+            entry = parse_entry(data, self.trusted, self.max_policy_bytes)
         except ManifestError as exc:
             raise Refused(str(exc)) from None
         with self._lock:
             ready, accepted = self._ready, self.accepted
         if ready is not None:  # what will play next counts as accepted
             accepted = accepted.record(ready.entry)
-        why = accepted.refuses(entry, signed=self.key is not None)
+        why = accepted.refuses(entry, signed=self.trusted is not None)
         if why is not None:
             raise Refused(why)
         if self.current is not None and entry.env_id != self.current.entry.env_id:
@@ -437,6 +442,9 @@ class Follower:
         notes = [entry.file]
         if cached:
             notes.append("from the cache")
+        signer = signed_by(entry.fields.get("signature"))
+        if signer is not None and self.trusted is not None:
+            notes.append(f"signed by key {signer}")
         if entry.replaces is not None:
             notes.append(f"a rollback by the learner from step {entry.replaces['step']}")
         elif previous is not None and previous.entry.run != entry.run:
@@ -471,11 +479,11 @@ class Follower:
         except OSError as exc:
             return None, f"{CURRENT}: {exc.strerror or exc}"
         try:
-            entry = parse_entry(json.loads(raw), self.key, self.max_policy_bytes)
+            entry = parse_entry(json.loads(raw), self.trusted, self.max_policy_bytes)
         except ValueError as exc:  # not JSON, or a ManifestError
             return None, f"{CURRENT}: {exc if isinstance(exc, ManifestError) else 'not JSON'}"
         if not self.accepted.same_run(entry):  # else what the cache played last is trusted
-            why = self.accepted.refuses(entry, signed=self.key is not None)
+            why = self.accepted.refuses(entry, signed=self.trusted is not None)
             if why is not None:
                 return None, f"{CURRENT}: policy step {entry.step}: {why}"
         path = self.cache / entry.file

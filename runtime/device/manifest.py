@@ -1,13 +1,16 @@
 """Published policies: the manifest entry, its signature, and the checks a device makes on
-an entry before it downloads anything. Standard library only: the daemon's publisher
+an entry before it downloads anything. Standard library only (the keys that sign,
+runtime.device.keys, bring `cryptography` for Ed25519): the daemon's publisher
 (runtime.daemon.publish) writes entries with it, the device's follower
 (runtime.device.follow) reads them with it.
 
 A policies directory holds ``policy-<step>.onnx`` files, ``manifest.json`` (every kept
 entry, oldest published first) and ``latest.json`` (the newest entry alone, what a device polls).
 An entry names its file, its SHA-256 and size, the stream it plays and how it was verified;
-with a key configured it carries ``signature: "hmac-sha256:<hex>"`` over all its other
-fields (canonical JSON), so only a holder of the key can publish a policy a device accepts.
+with a key configured it carries ``signature`` over all its other fields (canonical JSON):
+``"ed25519:<key id>:<base64>"`` made with the learner's private key, or
+``"hmac-sha256:<hex>"`` with a shared secret (runtime.device.keys), so only the learner can
+publish a policy a device accepts.
 
 Entries of daemons with run identities also carry ``run`` (16 hex digits, made when a run
 directory starts fresh and kept in its checkpoints), ``run_started`` (when that run began,
@@ -25,22 +28,20 @@ without ``run`` (older daemons) are one unnamed run.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
-import os
 import re
 import secrets
-import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from runtime.device.keys import KeyFileError as KeyFileError  # the error of every key file
+from runtime.device.keys import SignatureError, Signer, TrustedKeys, load_secret
+
 FORMAT = 1
 LATEST = "latest.json"
 MANIFEST = "manifest.json"
-SIGNATURE_PREFIX = "hmac-sha256:"
-MIN_KEY_CHARS = 32  # `python -c 'import secrets; print(secrets.token_hex(32))'` gives 64
 MAX_INDEX_BYTES = 1 << 20  # latest.json and manifest.json are small: never read more
 ACCEPTED = "accepted.json"  # a device's cache: the runs and steps it accepted
 MAX_RUNS = 1000  # runs an accepted.json remembers (one per --fresh: plenty)
@@ -53,33 +54,13 @@ class ManifestError(ValueError):
     """An entry that cannot be used (malformed, unsigned, wrongly signed, too big); one line."""
 
 
-class KeyFileError(ValueError):
-    """A key file that cannot be read or is too short; one line naming the file."""
-
-
 def policy_file(step: int) -> str:
     """The file name of the policy published at `step` (sorts by step)."""
     return f"policy-{step:012d}.onnx"
 
 
-def load_key(path: str | Path) -> bytes:
-    """The shared secret: the key file's text, surrounding whitespace stripped. Whoever can
-    read it can sign policies every device accepts, so a file that group or others may
-    read is refused."""
-    try:
-        mode = Path(path).stat().st_mode
-        key = Path(path).read_bytes().strip()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path} ({exc.strerror or exc})") from None
-    if os.name == "posix" and mode & 0o077:
-        raise KeyFileError(f"key file {path} may be read by group or others (mode "
-                           f"{stat.S_IMODE(mode):o}): anyone who reads it can sign "
-                           f"policies; chmod 600 {path}")
-    if len(key) < MIN_KEY_CHARS:
-        raise KeyFileError(f"key file {path} holds {len(key)} characters, fewer than "
-                           f"{MIN_KEY_CHARS} (make one with: python -c 'import secrets; "
-                           f"print(secrets.token_hex(32))' > {path})")
-    return key
+# A key file's HMAC secret, by the name the callers of this module know.
+load_key = load_secret
 
 
 def canonical(entry: dict[str, Any]) -> bytes:
@@ -89,9 +70,10 @@ def canonical(entry: dict[str, Any]) -> bytes:
                       ensure_ascii=True).encode()
 
 
-def sign(entry: dict[str, Any], key: bytes) -> dict[str, Any]:
-    digest = hmac.new(key, canonical(entry), hashlib.sha256).hexdigest()
-    return {**entry, "signature": SIGNATURE_PREFIX + digest}
+def sign(entry: dict[str, Any], key: Signer | bytes) -> dict[str, Any]:
+    """`entry` with its signature; `key` a Signer, or the bytes of an HMAC secret."""
+    signer = key if isinstance(key, Signer) else Signer.from_secret(key)
+    return {**entry, "signature": signer.sign(canonical(entry))}
 
 
 def sha256_file(path: Path) -> str:
@@ -213,10 +195,11 @@ def _run_of(data: dict[str, Any]) -> tuple[str | None, float | None, int | None,
     return run, started, sequence, replaces
 
 
-def parse_entry(data: Any, key: bytes | None, max_size: int) -> Entry:
+def parse_entry(data: Any, key: TrustedKeys | bytes | None, max_size: int) -> Entry:
     """Check an entry before anything is downloaded: its format, a file name that is a
     plain `policy-<step>.onnx` (never a path), a SHA-256, a size within `max_size`, and,
-    with a key, its signature. Raises ManifestError (one line)."""
+    with keys (TrustedKeys, or the bytes of an HMAC secret), its signature. Raises
+    ManifestError (one line)."""
     if not isinstance(data, dict):
         raise ManifestError(f"entry is a JSON {type(data).__name__}, not an object")
     if data.get("format") != FORMAT:
@@ -240,9 +223,11 @@ def parse_entry(data: Any, key: bytes | None, max_size: int) -> Entry:
         signature = data.get("signature")
         if not isinstance(signature, str):
             raise ManifestError("entry is not signed (a key is configured)")
-        expected = sign(data, key)["signature"]
-        if not hmac.compare_digest(signature.encode(), expected.encode()):
-            raise ManifestError("entry signature does not match the key")
+        trusted = key if isinstance(key, TrustedKeys) else TrustedKeys.from_secret(key)
+        try:
+            trusted.verify(canonical(data), signature)
+        except SignatureError as exc:
+            raise ManifestError(str(exc)) from None
     return Entry(step, name, digest, size, env_id, data, run, started, sequence, replaces)
 
 
