@@ -25,6 +25,7 @@ class Notifier:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         usec = os.environ.get("WATCHDOG_USEC")
         self.watchdog_interval = int(usec) / 2e6 if usec and usec.isdigit() else None
+        self._stopping = False
 
     @property
     def enabled(self) -> bool:
@@ -47,7 +48,10 @@ class Notifier:
         self.notify("WATCHDOG=1", f"STATUS={status}")
 
     def stopping(self) -> None:
-        self.notify("STOPPING=1")
+        """Once, when the shutdown begins (later calls say nothing more)."""
+        if not self._stopping:
+            self._stopping = True
+            self.notify("STOPPING=1")
 
     def close(self) -> None:
         if self._socket is not None:

@@ -27,7 +27,7 @@ from runtime.daemon.checkpoints import (
 )
 from runtime.daemon.config import load_config
 from runtime.daemon.lifecycle import Daemon
-from tests.conftest import ROOT, cli, start_daemon, wait_for_status
+from tests.conftest import NO_FINAL_POLICY, ROOT, cli, start_daemon, wait_for_status
 
 FAULTY = "env.id=tests.faulty_env:FaultyCartPole-v0"
 
@@ -207,8 +207,8 @@ def test_sd_notify_ready_status_watchdog_stopping(run_dir: Path, tmp_path: Path)
                PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.daemon", "--config", "config.yaml", "--run-dir",
-         str(run_dir), "--set", "env.id=CartPole-v1"], cwd=ROOT, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         str(run_dir), "--set", "env.id=CartPole-v1", *NO_FINAL_POLICY], cwd=ROOT, env=env,
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     messages: list[str] = []
     try:
         while sum("WATCHDOG=1" in m for m in messages) < 3:

@@ -300,6 +300,7 @@ class Daemon:
     def _shut_down(self, progress: Progress) -> int:
         why = self.stop.reason or f"reached run.max_steps={self.config.run.max_steps}"
         log.info("stopping (%s) at step %d", why, self.counters.steps)
+        self.notifier.stopping()  # the shutdown begins: the final checkpoint and policy
         progress.tick(time.monotonic(), "stopping", force=True)
         saved = self.last_checkpoint_step == self.counters.steps or self.checkpoint()
         if saved:  # a policy ahead of every checkpoint would outrun the run's resume
@@ -314,6 +315,7 @@ class Daemon:
     def _give_up(self, progress: Progress) -> int:
         log.error("the stream failed %d times in a row: giving up after a final checkpoint",
                   self.config.faults.stream_max_failures)
+        self.notifier.stopping()
         self.checkpoint(stream_usable=False)
         progress.tick(time.monotonic(), "failed", force=True)
         return 3
