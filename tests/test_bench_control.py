@@ -4,10 +4,13 @@ tiny budgets."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
-from tools.research import control, reference_stream_ac
+from runtime.metrics import read_jsonl
+from tools.research import control, reference_stream_ac, sweep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,6 +34,27 @@ def test_without_its_clock_the_reference_learner_learns_differently() -> None:
 def test_the_reference_learner_refuses_continuous_actions() -> None:
     with pytest.raises(SystemExit, match="no discrete actions"):
         reference_stream_ac.run("Pendulum-v1", 10, seed=0)
+
+
+def test_the_reference_learner_on_atari_resumes_exactly_from_its_run_dir(
+        tmp_path: Path) -> None:
+    """Straight to step 240 against stopped at 120 and resumed, with a game a kill left
+    past the checkpoint in metrics.jsonl: the same games once each, the same weights."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert reference_stream_ac.run_frames("ALE/Breakout-v5", 240, 0, straight) == 240
+    assert reference_stream_ac.run_frames("ALE/Breakout-v5", 120, 0, resumed) == 120
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 130, "return": 99.0}) + "\n")
+    assert reference_stream_ac.run_frames("ALE/Breakout-v5", 240, 0, resumed) == 240
+    games = [[(g["step"], g["return"]) for g in read_jsonl(run / "metrics.jsonl")]
+             for run in (straight, resumed)]
+    assert games[0] == games[1] and games[0]  # Breakout's first random game ends by 240
+    weights = [torch.load(run / "checkpoint.pt", weights_only=False)["learner"]["policy"]
+               for run in (straight, resumed)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert sweep.read_status(resumed) == {"step": 240, "games": len(games[0]),
+                                          "state": "stopped"}
+    assert sweep.read_env_id(resumed) == "ALE/Breakout-v5"
 
 
 def test_bench_control_prints_both_learners_per_task(capsys: pytest.CaptureFixture) -> None:
@@ -65,3 +89,5 @@ def test_bad_input_gets_one_line(tmp_path, capsys: pytest.CaptureFixture) -> Non
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(SystemExit, match="NoSuchEnv-v0"):
         reference_stream_ac.run("NoSuchEnv-v0", 10, seed=0)
+    assert reference_stream_ac.main(["--env", "NoSuchEnv-v0"]) == 2
+    assert "NoSuchEnv-v0" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import pytest
 from runtime.metrics import read_jsonl
 from tests.conftest import ROOT, _env, wait_for_status
 from tools.research import learning, plot_metrics, sweep
+from tools.research.atari_scores import game_name, human_normalised
 from tools.research.seed_stats import bootstrap_ci, iqm, iqm_weights, last_games_mean
 
 STEPS = 1500
@@ -82,6 +83,68 @@ def test_last_games_mean_counts_the_games_that_ended_by_a_step() -> None:
     assert last_games_mean(games, window=2) == (5.5, 2)
     assert last_games_mean(games, window=100, at_step=25) == (pytest.approx(8 / 3), 3)
     assert math.isnan(last_games_mean(games, at_step=5)[0])
+
+
+def test_human_normalised_scores_use_the_standard_references() -> None:
+    assert game_name("ALE/Pong-v5") == game_name("PongNoFrameskip-v4") == "Pong"
+    assert human_normalised("ALE/Pong-v5", -20.7) == pytest.approx(0.0)
+    assert human_normalised("ALE/Breakout-v5", 30.5) == pytest.approx(1.0)
+    assert human_normalised("ALE/Seaquest-v5", 68.4 + 0.2 * (42054.7 - 68.4)) == \
+        pytest.approx(0.2)
+    assert math.isnan(human_normalised("CartPole-v1", 500.0))
+    assert math.isnan(human_normalised("ALE/SpaceInvaders-v5", math.nan))
+
+
+def fake_run(run_dir: Path, env_id: str, returns: list[float]) -> None:
+    """A finished run dir as the daemon leaves it: resolved config, status, games."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"env:\n  id: {env_id}\nseed: 0\n")
+    (run_dir / "status.json").write_text(json.dumps({"step": 100 * len(returns)}))
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": 100 * (i + 1), "return": r, "time": float(i), "steps_per_s": 100.0})
+        + "\n" for i, r in enumerate(returns)))
+
+
+def test_summarize_only_reads_named_configs_with_their_human_normalised_scores(
+        tmp_path: Path, capsys) -> None:
+    fake_run(tmp_path / "pong" / "seed-0", "ALE/Pong-v5", [-20.7, -13.6])   # 0.1 on average
+    fake_run(tmp_path / "pong" / "seed-1", "ALE/Pong-v5", [-6.58] * 2)      # 0.4
+    fake_run(tmp_path / "breakout" / "seed-0", "ALE/Breakout-v5", [30.5])   # 1.0
+    fake_run(tmp_path / "seaquest" / "seed-0", "ALE/Seaquest-v5", [68.4])  # 0.0
+    fake_run(tmp_path / "cartpole" / "seed-0", "CartPole-v1", [500.0])
+    assert sweep.main(["--out-dir", str(tmp_path), "--summarize-only",
+                       "--only", "seaquest", "pong", "breakout", "cartpole"]) == 0
+    out = capsys.readouterr().out
+    assert "median over 3 configs' means 0.250" in out
+    summary = json.loads((tmp_path / "summary-seaquest+pong+breakout+cartpole.json")
+                         .read_text())
+    assert not (tmp_path / "summary.json").exists()  # the whole's summary is left alone
+    configs = {c["config"]: c for c in summary["configs"]}
+    assert list(configs) == ["seaquest", "pong", "breakout", "cartpole"]
+    assert [row["normalised"] for row in configs["pong"]["seeds"]] == \
+        pytest.approx([0.1, 0.4], abs=1e-3)
+    assert configs["pong"]["normalised"] == pytest.approx(0.25, abs=1e-3)
+    assert configs["cartpole"]["normalised"] is None
+    assert sweep.main(["--out-dir", str(tmp_path), "--summarize-only", "--only", "qbert"]) == 2
+    assert "--only qbert: no run dirs" in one_error_line(capsys.readouterr().err)
+
+
+def test_panels_of_plot_metrics_draw_one_panel_per_stream(tmp_path: Path, capsys) -> None:
+    for seed in (0, 1):
+        fake_run(tmp_path / "pong" / f"seed-{seed}", "ALE/Pong-v5", [-21.0, -20.0, -19.0])
+    fake_run(tmp_path / "reference" / "seed-0", "ALE/Pong-v5", [-21.0] * 3)
+    fake_run(tmp_path / "breakout=wide" / "seed-0", "ALE/Breakout-v5", [1.0, 2.0])
+    out = tmp_path / "games.png"
+    assert plot_metrics.main(["--panel", "Pong", str(tmp_path / "pong"),
+                              f"reference={tmp_path / 'reference' / 'seed-0'}",
+                              "--panel", "Breakout", str(tmp_path / "breakout=wide"),
+                              "--until", "200", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    grid, _ = plot_metrics.seed_curves([tmp_path / "pong" / "seed-0"], 100, until=200)
+    assert grid[-1] == 200
+    with pytest.raises(SystemExit):
+        plot_metrics.main(["--panel", "Pong", "--out", str(out)])
+    assert "needs a title and at least one group" in capsys.readouterr().err
 
 
 # -- a local sweep ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
     python tools/research/sweep.py --config default --config seed agent.lr=3e-4 --seeds 0 1 2 \\
         [--set-grid "" --set-grid "agent.entropy_floor=null"] [--set KEY=VALUE ...] \\
         --steps 1000000 [--jobs 2 | --ray ADDRESS] [--out-dir runs/sweep]
-    python tools/research/sweep.py --out-dir runs/sweep --summarize-only [--at-step 1000000]
+    python tools/research/sweep.py --out-dir runs/sweep --summarize-only [--at-step 1000000] \\
+        [--only NAME ...]
 
 `--config SOURCE [KEY=VALUE ...]` names a preset (default, seed) or a YAML file, with
 overrides of its own; every `--set-grid` line (space-separated KEY=VALUE, "" = none)
@@ -25,8 +26,10 @@ The table has, per config, each seed's mean return over its last 100 games (befo
 over seeds with 95% percentile bootstrap intervals (2,000 resamples, seeded; see
 tools/research/seed_stats.py), and steps/s (steps over time between the games the run learned, the
 times the run was stopped left out; a run restored from an archive counts from the step it
-was restored at). It also writes
-OUT_DIR/summary.json (summary-at-K.json with --at-step).
+was restored at). On an Atari game with references (tools/research/atari_scores.py) each
+figure also has its human-normalised score, and the table ends with the median over the
+configs of their mean normalised scores. It also writes OUT_DIR/summary.json
+(summary-at-K.json with --at-step, summary-<names>[-at-K].json with --only).
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from runtime.cli import OneLineParser, UsageError, positive_int
 from runtime.daemon.config import ConfigError, load_config
 from runtime.files import write_atomic
 from runtime.metrics import metrics_path, read_jsonl
 from tools import ROOT
+from tools.research.atari_scores import human_normalised
 from tools.research.daemon_pool import LocalPool, Result, connect_ray, run_on_ray
 from tools.research.learning import PRESETS, begin_record, summarize
 from tools.research.seed_stats import bootstrap_ci, iqm, last_games_mean
@@ -94,9 +99,13 @@ def parse_args(argv: list[str] | None) -> Any:
     parser.add_argument("--at-step", type=positive_int, metavar="K",
                         help="figures from the last games that ended by step K")
     parser.add_argument("--window", type=positive_int, default=100, help="games per figure")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="--summarize-only: just "
+                        "these configs (run-dir names under --out-dir), in this order")
     args = parser.parse_args(argv)
     if not args.summarize_only and (args.steps is None or not args.config):
         raise UsageError("--config and --steps are needed to run (or --summarize-only)")
+    if args.only and not args.summarize_only:
+        raise UsageError("--only selects what --summarize-only reads")
     if min(args.seeds) < 0:
         raise UsageError("--seeds: must be >= 0")
     args.out_dir = args.out_dir.resolve()  # daemons and Ray workers run elsewhere
@@ -144,18 +153,25 @@ def build_grid(args: Any) -> list[Run]:
     return runs
 
 
-def discover_runs(out_dir: Path) -> list[Run]:
-    """The run dirs under OUT_DIR/<name>/seed-<n> (for --summarize-only without --config)."""
+def discover_runs(out_dir: Path, only: list[str] | None = None) -> list[Run]:
+    """The run dirs under OUT_DIR/<name>/seed-<n> (for --summarize-only without --config),
+    by name, or those of `only`'s names in its order."""
     runs = []
     for run_dir in sorted(out_dir.glob("*/seed-*")):
+        if only is not None and run_dir.parent.name not in only:
+            continue
         seed = run_dir.name.removeprefix("seed-")
         if seed.isdigit() and (run_dir / "status.json").exists():
             record = read_record(run_dir)
             runs.append(Run(run_dir.parent.name, int(seed), run_dir, None,
                             tuple(record.get("overrides", ()))))
+    missing = sorted(set(only or ()) - {run.name for run in runs})
+    if missing:
+        raise UsageError(f"--only {missing[0]}: no run dirs {out_dir}/{missing[0]}/seed-<n>")
     if not runs:
         raise UsageError(f"--out-dir {out_dir}: no run dirs (<name>/seed-<n>/status.json)")
-    return sorted(runs, key=lambda run: (run.name, run.seed))
+    order = {name: index for index, name in enumerate(only or ())}
+    return sorted(runs, key=lambda run: (order.get(run.name, 0), run.name, run.seed))
 
 
 def read_record(run_dir: Path) -> dict[str, Any]:
@@ -166,6 +182,13 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     write_atomic(run_dir / "bench.json", json.dumps(record).encode())  # a kill leaves it whole
+
+
+def read_env_id(run_dir: Path) -> str | None:
+    """The stream a run learned from, from the resolved config.yaml the daemon writes."""
+    path = run_dir / "config.yaml"
+    config = yaml.safe_load(path.read_text()) if path.exists() else None
+    return config.get("env", {}).get("id") if isinstance(config, dict) else None
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
@@ -263,13 +286,16 @@ def run_grid(runs: list[Run], args: Any) -> int:
 def seed_figures(run: Run, window: int, at_step: int | None) -> dict[str, Any]:
     """One seed: mean return of its last `window` games (by `at_step`), steps/s, counts."""
     row: dict[str, Any] = {"seed": run.seed, "run_dir": str(run.run_dir), "steps": 0,
-                           "games": 0, "return": math.nan, "steps_per_s": math.nan}
+                           "games": 0, "return": math.nan, "normalised": math.nan,
+                           "steps_per_s": math.nan, "env_id": read_env_id(run.run_dir)}
     if not metrics_path(run.run_dir).exists() or read_status(run.run_dir) is None:
         return row
     # The daemon moves aside what a resume replays: every game is in the file once.
     games = read_jsonl(metrics_path(run.run_dir))
     figures = summarize(run.run_dir)
     row["return"], counted = last_games_mean(games, window, at_step)
+    if row["env_id"] is not None:
+        row["normalised"] = human_normalised(row["env_id"], row["return"])
     row.update(steps=figures["steps"], games=len(games), games_counted=counted,
                steps_per_s=learning_rate(run.run_dir, games, float(figures["steps_per_s"])))
     return row
@@ -301,8 +327,11 @@ def config_figures(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One config over its seeds: mean and IQM with 95% bootstrap intervals, steps/s."""
     returns = np.array([r["return"] for r in rows if math.isfinite(r["return"])])
     rates = [r["steps_per_s"] for r in rows if math.isfinite(r["steps_per_s"])]
+    normalised = [r["normalised"] for r in rows if math.isfinite(r["normalised"])]
     summary: dict[str, Any] = {"config": name, "seeds": rows, "seeds_with_games": len(returns),
-                               "steps_per_s": float(np.mean(rates)) if rates else math.nan}
+                               "steps_per_s": float(np.mean(rates)) if rates else math.nan,
+                               "normalised": float(np.mean(normalised)) if normalised
+                               else math.nan}
     for key, statistic in (("mean", np.mean), ("iqm", iqm)):
         if len(returns):
             low, high = bootstrap_ci(returns, statistic, RESAMPLES)
@@ -318,8 +347,10 @@ def aggregate(runs: list[Run], window: int, at_step: int | None) -> dict[str, An
     for name in dict.fromkeys(run.name for run in runs):
         rows = [seed_figures(run, window, at_step) for run in runs if run.name == name]
         configs.append(config_figures(name, rows))
+    scored = [config["normalised"] for config in configs if math.isfinite(config["normalised"])]
     return {"window": window, "at_step": at_step, "bootstrap_resamples": RESAMPLES,
-            "configs": configs}
+            "configs": configs,
+            "median_normalised": float(np.median(scored)) if scored else math.nan}
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -327,19 +358,33 @@ def format_table(summary: dict[str, Any]) -> str:
     by = f" by step {summary['at_step']:,}" if summary["at_step"] else ""
     lines = []
     for config in summary["configs"]:
+        scored = math.isfinite(config["normalised"])
         lines += [f"{config['config']}: mean return of the last {summary['window']} "
                   f"games{by}",
-                  f"  {'seed':>6} {'steps':>11} {'games':>7} {'return':>9} {'steps/s':>8}"]
+                  f"  {'seed':>6} {'steps':>11} {'games':>7} {'return':>9} {'steps/s':>8}"
+                  + (f" {'human-norm.':>11}" if scored else "")]
         for row in config["seeds"]:
             lines.append(f"  {row['seed']:>6} {row['steps']:>11,} {row['games']:>7,} "
-                         f"{row['return']:>9.2f} {row['steps_per_s']:>8.0f}")
+                         f"{row['return']:>9.2f} {row['steps_per_s']:>8.0f}"
+                         + (f" {row['normalised']:>11.3f}" if scored else ""))
         for key, title in (("mean", "mean"), ("iqm", "IQM")):
             low, high = config[f"{key}_ci95"]
             rate = f" {config['steps_per_s']:>8.0f}" if key == "mean" else ""
-            lines.append(f"  {title:>6} {'':>11} {'':>7} {config[key]:>9.2f}{rate}"
+            score = f" {config['normalised']:>11.3f}" if key == "mean" and scored else ""
+            lines.append(f"  {title:>6} {'':>11} {'':>7} {config[key]:>9.2f}{rate}{score}"
                          f"   95% CI [{low:.2f}, {high:.2f}]")
         lines.append("")
+    if math.isfinite(summary["median_normalised"]):
+        count = sum(math.isfinite(c["normalised"]) for c in summary["configs"])
+        lines += [f"human-normalised: median over {count} configs' means "
+                  f"{summary['median_normalised']:.3f}", ""]
     return "\n".join(lines)
+
+
+def summary_name(only: list[str] | None, at_step: int | None) -> str:
+    """summary[-<names>][-at-K].json: a selection never overwrites the whole's summary."""
+    selection = "-" + "+".join(only) if only else ""
+    return f"summary{selection}" + (f"-at-{at_step}" if at_step else "") + ".json"
 
 
 def json_safe(value: Any) -> Any:
@@ -362,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 connect_ray(args.ray, args.jobs)  # fail before any run dir is touched
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-        runs = build_grid(args) if args.config else discover_runs(args.out_dir)
+        runs = build_grid(args) if args.config else discover_runs(args.out_dir, args.only)
         check_records(runs)
         code = 0 if args.summarize_only else run_grid(runs, args)
     except UsageError as exc:
@@ -374,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     summary = aggregate(runs, args.window, args.at_step)
-    name = f"summary-at-{args.at_step}.json" if args.at_step else "summary.json"
+    name = summary_name(args.only, args.at_step)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / name).write_text(json.dumps(json_safe(summary), indent=1) + "\n")
     print(format_table(summary))
