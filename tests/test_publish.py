@@ -11,6 +11,8 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 import runtime.daemon.export as export_module
@@ -18,7 +20,7 @@ from agent.learner import A2CLearner
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.daemon.config import load_config
 from runtime.daemon.errors import SetupError
-from runtime.daemon.export import VerificationError, stream_spec
+from runtime.daemon.export import ActorBuilder, ActorGraph, VerificationError, stream_spec
 from runtime.daemon.lifecycle import Daemon
 from runtime.daemon.loop import Counters
 from runtime.daemon.publish import PolicyWriter, Publisher, export_key
@@ -192,6 +194,90 @@ def test_the_writer_keeps_the_newest_and_never_publishes_a_failed_check(
     assert json.loads((policies / "latest.json").read_text())["step"] == 600
     assert sorted(p.name for p in policies.glob("policy-*.onnx")) == [
         "policy-000000000300.onnx", "policy-000000000600.onnx"]
+
+
+def _full_exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Counts the exporter's runs (write_onnx) from here on."""
+    calls: list[Path] = []
+    real = export_module.write_onnx
+
+    def counted(actor, example, out, opset, metadata):  # noqa: ANN001, ANN202
+        calls.append(out)
+        return real(actor, example, out, opset, metadata)
+
+    monkeypatch.setattr(export_module, "write_onnx", counted)
+    return calls
+
+
+def _perturbed_job(learner: A2CLearner, step: int, seed: int) -> dict:
+    """A snapshot with new weights and new normaliser statistics, as learning gives."""
+    job = _job(learner, step)
+    rng = np.random.default_rng(seed)
+    weights = job["weights"]
+    for name, value in weights.items():
+        if value.dtype == np.float32:
+            weights[name] = value + rng.normal(0.0, 0.1, value.shape).astype(np.float32)
+    weights["0.norm.count"] = np.array(10 * (seed + 1))
+    weights["0.norm.mean"] = rng.normal(size=weights["0.norm.mean"].shape)
+    weights["0.norm.m2"] = 9.0 + rng.random(weights["0.norm.m2"].shape)
+    return job
+
+
+def test_after_the_first_export_weights_are_written_into_its_verified_graph(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, learner, spec = _cartpole(tmp_path / "run")
+    policies = tmp_path / "policies"
+    exports = _full_exports(monkeypatch)
+    writer = PolicyWriter(config, spec, policies, key=None, keep=5)
+    writer.publish(_job(learner, 100))
+    assert len(exports) == 1 and writer.graph is not None
+    frames, torch_actor = writer.frames, ActorBuilder(config, (4,), 2)
+    before = Policy.load(policies / "policy-000000000100.onnx").logits(frames)
+    for step, seed in ((200, 1), (300, 2)):
+        job = _perturbed_job(learner, step, seed)
+        entry = writer.publish(job)
+        policy = Policy.load(policies / entry["file"])
+        assert policy.metadata["training_step"] == step
+        expected = export_module.torch_logits(torch_actor.load(job["weights"]), frames)
+        logits = policy.logits(frames)
+        assert np.abs(logits - expected).max() <= export_module.LOGIT_TOLERANCE
+        assert np.abs(logits - before).max() > 0.01  # new weights, not the graph's old ones
+        before = logits
+    assert len(exports) == 1  # no export after the first
+    # A written model that fails its checks is never published: a full export replaces it.
+    def stale(self: ActorGraph, actor: object, metadata: object, out: Path) -> None:
+        out.write_bytes((policies / entry["file"]).read_bytes())  # the weights before
+
+    monkeypatch.setattr(ActorGraph, "write", stale)
+    fourth = writer.publish(_perturbed_job(learner, 400, 3))
+    assert len(exports) == 2 and fourth["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert writer.graph is None  # full exports from here on
+
+
+def test_a_graph_that_does_not_take_every_weight_by_name_is_not_reused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, learner, spec = _cartpole(tmp_path / "run")
+    actor = learner.net.policy().eval()
+    example = np.zeros((2, 4), np.float32)
+    assert ActorGraph.export(actor, example, tmp_path / "scratch.onnx") is not None
+    assert not (tmp_path / "scratch.onnx").exists()
+    real = export_module.write_onnx
+
+    def folding(actor, example, out, opset, metadata):  # noqa: ANN001, ANN202
+        real(actor, example, out, opset, metadata)
+        model = onnx.load(str(out))
+        model.graph.initializer[0].name = "folded_constant"  # as if a weight were folded
+        onnx.save(model, str(out))
+
+    monkeypatch.setattr(export_module, "write_onnx", folding)
+    assert ActorGraph.export(actor, example, tmp_path / "scratch.onnx") is None
+    monkeypatch.undo()
+    exports = _full_exports(monkeypatch)
+    baseline = PolicyWriter(config, spec, tmp_path / "other", key=None, keep=5,
+                            reuse_graph=False)
+    for step in (100, 200):
+        baseline.publish(_job(learner, step))
+    assert baseline.graph is None and len(exports) == 2
 
 
 def test_the_publisher_process_signs_with_the_learners_ed25519_key(

@@ -5,7 +5,11 @@ actor's weights (normaliser statistics included) to a publisher process and goes
 learning. That process, started once (spawn) at a lower CPU priority (`export.niceness`),
 rebuilds the actor,
 exports and verifies it with runtime.daemon.export (the exporter's own code: onnx.checker
-and parity with the torch actor on real stream frames), and only then publishes it:
+and parity with the torch actor on real stream frames), and only then publishes it. The
+graph does not change between policies, only the weights: after the first export the
+process writes each snapshot's weights into that graph (`ActorGraph`) and verifies the
+result the same way. It exports each policy in full instead where the exporter folded a
+weight into another constant, or once a written model has failed its checks.
 
     policies/policy-<step>.onnx   fsynced, then renamed into place
     policies/manifest.json        every kept entry, oldest first (runtime.device.manifest)
@@ -42,6 +46,7 @@ from runtime.daemon.errors import SetupError
 from runtime.daemon.export import (
     PARITY_FRAMES,
     ActorBuilder,
+    ActorGraph,
     ExportError,
     VerificationError,
     build_metadata,
@@ -304,11 +309,15 @@ class PolicyWriter:
     """Exports, verifies and publishes weight snapshots into the policies directory."""
 
     def __init__(self, config: Config, spec: dict[str, Any], directory: Path,
-                 key: Signer | bytes | None, keep: int, run: dict[str, Any] | None = None
-                 ) -> None:
+                 key: Signer | bytes | None, keep: int, run: dict[str, Any] | None = None,
+                 reuse_graph: bool = True) -> None:
         """`key`: what entries are signed with (bytes: an HMAC secret; None: unsigned);
         `run`: the run identity every entry names (None: entries as daemons before run
-        identities wrote them)."""
+        identities wrote them); `reuse_graph=False` exports every policy in full (the
+        baseline tools/bench/publish.py measures against)."""
+        self.reuse_graph = reuse_graph
+        self.graph: ActorGraph | None = None
+        self.graph_tried = False
         self.config = config
         self.run = run
         self.spec = spec
@@ -336,13 +345,29 @@ class PolicyWriter:
         return build_metadata(self.config, self.stream_spec, step, self.spec["network"],
                               producer="runtime.daemon")
 
+    def _write(self, actor: torch.nn.Module, metadata: dict[str, str],
+               staged: Path) -> dict[str, Any]:
+        """The weights written into the actor's graph, exported once by the first call;
+        a full export where the graph does not take every weight, or from the first
+        written model that fails its checks on."""
+        if self.reuse_graph and not self.graph_tried:
+            self.graph = ActorGraph.export(actor, self.frames[:2],
+                                           staged.with_name(f"{staged.name}.graph"))
+            self.graph_tried = True  # the network does not change: one graph per process
+        if self.graph is not None:
+            try:
+                return self.graph.write_verified(actor, metadata, self.frames, staged)
+            except VerificationError:
+                self.graph = None
+        return export_verified(actor, metadata, self.frames, staged)
+
     def publish(self, job: dict[str, Any]) -> dict[str, Any]:
         step = int(job["step"])
         actor = self.builder.load(job["weights"])
         name = policy_file(step)
         staged = self.directory / f".staged-{name}"
         try:
-            parity = export_verified(actor, self._metadata(step), self.frames, staged)
+            parity = self._write(actor, self._metadata(step), staged)
             with open(staged, "rb") as f:
                 os.fsync(f.fileno())
             final = self.directory / name

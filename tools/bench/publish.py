@@ -14,7 +14,9 @@ recorded. Prints one JSON object: steps/s per mode (median, min, max over blocks
 ratio, per-step time p50 / p99 / max per mode, the tick that hands a snapshot over (the
 loop's pause for an export; the first one also starts the publisher process) and the
 longest step around it, the export times, and how much of the "on" time an export was
-running.
+running. Before the blocks, `writer` compares what one policy costs the publisher
+(`PolicyWriter.publish` in this process, wall and CPU seconds, alternating rounds): a full
+export against the new weights written into the graph of the first export.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from agent.learner import A2CLearner
-from runtime.daemon.config import load_config
+from runtime.daemon.config import Config, load_config
+from runtime.daemon.export import policy_weights
 from runtime.daemon.lifecycle import configure_torch
 from runtime.daemon.loop import ActingLoop, Counters
-from runtime.daemon.publish import Publisher
+from runtime.daemon.publish import PolicyWriter, Publisher
 from runtime.streams import open_stream
 from tools import ROOT
 
@@ -67,6 +70,39 @@ class BlockStart:
         self.armed = False
 
 
+def writer_costs(config: Config, spec: dict, learner: A2CLearner, work: Path,
+                 rounds: int) -> dict:
+    """One policy's cost in the publisher, in this process, alternating per round: a full
+    export (reuse_graph=False, the baseline) against weights written into the graph
+    exported by the first call (that first call, graph export included, apart)."""
+    writers = {"full_export": PolicyWriter(config, spec, work / "full", None, keep=2,
+                                           reuse_graph=False),
+               "into_graph": PolicyWriter(config, spec, work / "graph", None, keep=2)}
+
+    def publish(writer: PolicyWriter, step: int) -> tuple[float, float]:
+        job = {"step": step, "weights": policy_weights(learner.net.policy()),
+               "recent_returns": [], "created_at": time.time()}
+        wall, cpu = time.perf_counter(), time.process_time()
+        writer.publish(job)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    first_wall, first_cpu = publish(writers["into_graph"], 1)
+    walls: dict[str, list[float]] = {mode: [] for mode in writers}
+    cpus: dict[str, list[float]] = {mode: [] for mode in writers}
+    for step in range(2, rounds + 2):
+        for mode, writer in writers.items():
+            wall, cpu = publish(writer, step)
+            walls[mode].append(wall)
+            cpus[mode].append(cpu)
+    median = statistics.median
+    return {"rounds": rounds,
+            "wall_s": {mode: _spread(values, 3) for mode, values in walls.items()},
+            "cpu_s": {mode: _spread(values, 3) for mode, values in cpus.items()},
+            "cpu_full_over_graph": round(median(cpus["full_export"])
+                                         / median(cpus["into_graph"]), 1),
+            "first_into_graph_s": {"wall": round(first_wall, 2), "cpu": round(first_cpu, 2)}}
+
+
 def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-publish-"))
     config = load_config(ROOT / "config.yaml", [f"env.id={args.env}", f"run.dir={work}",
@@ -81,6 +117,8 @@ def run(args: argparse.Namespace) -> dict:
     spec = {"network": learner.network_name, "num_actions": stream.spec.num_actions,
             "observation_shape": list(stream.spec.observation_shape),
             "observation_dtype": stream.spec.observation_dtype}
+    writer = writer_costs(config, spec, learner, work, args.writer_rounds) \
+        if args.writer_rounds else None
     publisher = Publisher(config, work, learner, spec, counters)
     publisher.trigger = trigger = BlockStart()  # one export at the start of each "on" block
     returns = [0.0]
@@ -158,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
         "export_s": _spread(export_s, 2), "first_export_s": round(first_export_s, 2),
         "on_time_with_export_running": round(statistics.median(busy_fraction), 3),
         "published": publisher.counts.published, "export_failures": counters.faults.export_failures,
-        "policies": str(work / "policies"),
+        "policies": str(work / "policies"), "writer": writer,
     }
 
 
@@ -168,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=6, help="blocks per mode")
     parser.add_argument("--block-steps", type=int, default=2000)
     parser.add_argument("--niceness", type=int, default=10, help="export.niceness")
+    parser.add_argument("--writer-rounds", type=int, default=5, help="rounds of the "
+                        "writer's cost per policy, full export against into the graph "
+                        "(0: skip)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. agent.network=stream")
     print(json.dumps(run(parser.parse_args(argv))))
