@@ -45,5 +45,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
 positive_float.__name__ = "positive number"
 non_negative_float.__name__ = "non-negative number"
+port_number.__name__ = "TCP port (1-65535)"

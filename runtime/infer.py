@@ -3,12 +3,14 @@
     python -m runtime.infer --model policy.onnx [--env ID] [--games N] [--seed S]
         [--sample] [--threads T] [--max-steps M] [--record DIR]
     python -m runtime.infer --follow SOURCE [--key FILE ...] [--interval S] [--wait S]
-        [--cache DIR] [--timeout S] [--max-policy-mb MB] [--games N] [...]
+        [--cache DIR] [--timeout S] [--max-policy-mb MB] [--games N]
+        [--metrics-port PORT [--metrics-address ADDR]] [...]
 
 --follow plays the newest verified policy published in SOURCE (a policies directory or an
 http(s) URL of one) and swaps to newer ones between games (runtime.device.follow); it plays
 until --games, --max-steps or SIGINT/SIGTERM, then prints its summary. Each --key names a
 key the device trusts (the learner's public key, e.g. fleet.pub; two during a rotation).
+--metrics-port serves Prometheus metrics and a health check (runtime.device.monitoring).
 
 This module is the front end only: options, signals, the printed summary, and the domain's
 errors (runtime.device: ModelError, FollowError, KeyFileError; runtime.streams.StreamError;
@@ -32,14 +34,17 @@ from runtime.cli import (
     OneLineParser,
     UsageError,
     non_negative_float,
+    port_number,
     positive_float,
     positive_int,
 )
 from runtime.device.follow import Follower, FollowError
 from runtime.device.keys import KeyFileError
+from runtime.device.monitoring import PlayerTally, player_health, player_metrics
 from runtime.device.play import check_fits, make_stream_from_metadata, play
 from runtime.device.policy import ModelError, Policy
 from runtime.device.sources import Source
+from runtime.monitoring import MetricsServer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,13 +83,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="network timeout in seconds (default 10)")
     follow.add_argument("--max-policy-mb", type=positive_int, default=64,
                         help="refuse policies larger than this before downloading (default 64)")
+    follow.add_argument("--metrics-port", type=port_number,
+                        help="serve Prometheus metrics at /metrics and health at /healthz "
+                             "on this port (default: off)")
+    follow.add_argument("--metrics-address", default="127.0.0.1",
+                        help="where --metrics-port listens (default 127.0.0.1; 0.0.0.0: "
+                             "scraped from elsewhere)")
     args = parser.parse_args(argv)
     if args.follow is None:
         given = [flag for flag, value, default in (
             ("--key", args.key, None), ("--interval", args.interval, 30.0),
             ("--wait", args.wait, 0.0),
             ("--cache", args.cache, None), ("--timeout", args.timeout, 10.0),
-            ("--max-policy-mb", args.max_policy_mb, 64)) if value != default]
+            ("--max-policy-mb", args.max_policy_mb, 64),
+            ("--metrics-port", args.metrics_port, None),
+            ("--metrics-address", args.metrics_address, "127.0.0.1")) if value != default]
         if given:
             raise UsageError(f"{given[0]} applies to --follow only")
         args.games = args.games or 1
@@ -160,15 +173,19 @@ def run_follow(args: argparse.Namespace) -> dict[str, Any]:
     except KeyFileError as exc:
         raise UsageError(f"--key: {exc}") from None
     per_policy: dict[int, list[float]] = {}  # step -> [games, sum of returns]
+    tally = PlayerTally()
 
     def between_games(game_return: float) -> None:
-        tally = per_policy.setdefault(follower.step, [0, 0.0])
-        tally[0] += 1
-        tally[1] += game_return
+        games = per_policy.setdefault(follower.step, [0, 0.0])
+        games[0] += 1
+        games[1] += game_return
+        tally.game(game_return)
         follower.reload()
 
-    stream, stop, summary = None, None, None
+    stream, stop, summary, server = None, None, None, None
     try:
+        if args.metrics_port is not None:
+            server = serve_metrics(args, follower, tally)
         try:
             stop = _StopOnSignal()
             follower.start(wait=args.wait)
@@ -181,10 +198,13 @@ def run_follow(args: argparse.Namespace) -> dict[str, Any]:
         if summary is None:
             summary = play(follower, stream, games=args.games, max_steps=args.max_steps,
                            sample=args.sample, seed=args.seed, env_id=env_id,
-                           between_games=between_games, should_stop=stop)
+                           between_games=between_games, should_stop=tally.stepping(stop))
     finally:
+        tally.stopped = True
         if stop is not None:
             stop.restore()
+        if server is not None:
+            server.close()
         follower.close()
         if stream is not None:
             stream.close()
@@ -193,6 +213,20 @@ def run_follow(args: argparse.Namespace) -> dict[str, Any]:
         {"step": step, "games": int(games), "mean_return": round(total / games, 3)}
         for step, (games, total) in per_policy.items()]
     return summary
+
+
+def serve_metrics(args: argparse.Namespace, follower: Follower,
+                  tally: PlayerTally) -> MetricsServer:
+    address, port = args.metrics_address, args.metrics_port
+    try:
+        server = MetricsServer(address, port, lambda: player_metrics(follower, tally),
+                               lambda: player_health(follower, tally))
+    except OSError as exc:
+        raise UsageError(f"--metrics-port: cannot listen on {address}:{port} "
+                         f"({exc.strerror or exc})") from None
+    logging.getLogger("runtime.follow").info(
+        "metrics at http://%s:%d/metrics, health at /healthz", address, server.port)
+    return server
 
 
 def _not_played(follower: Follower, args: argparse.Namespace) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import secrets
 import shutil
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +34,9 @@ from runtime.device.manifest import (
     sha256_file,
     sign,
 )
+from runtime.device.monitoring import PlayerTally, player_health, player_metrics
 from runtime.device.sources import Source, SourceError
+from runtime.monitoring import MetricsServer
 from tests.conftest import ROOT
 
 MAX = 10 << 20
@@ -222,6 +226,9 @@ def test_follower_swaps_between_episodes_and_refuses_bad_policies(published: dic
             assert needle in follower.refused[-1]["reason"], follower.refused[-1]
             assert follower.check() is None and needle in follower.refused[-1]["reason"]
         assert len(follower.refused) == len(refusals)  # each refused once, not every look
+        assert {k: n for k, n in follower.refusals.items() if n} == {
+            "checksum": 1, "environment": 1, "model": 1, "signature": 2, "size": 1, "entry": 1}
+        assert time.time() - follower.last_good_look < 60
         assert not (tmp_path / "escape.onnx").exists()
         assert sorted(p.name for p in cache.iterdir()) == ["accepted.json", "current.json",
                                                            "policy-000000000200.onnx"]
@@ -238,6 +245,63 @@ def test_follower_swaps_between_episodes_and_refuses_bad_policies(published: dic
         assert summary["policies_played"] == [100, 200, 300]
         assert [r["step"] for r in summary["refused"]] == [300, 250, 300, 300, 300, 300, 300]
     finally:
+        follower.close()
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_players_metrics_and_health_say_what_it_plays_and_refuses(published: dict,
+                                                                     tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    entries, files = published["entries"], published["files"]
+    _offer(source, entries[200], files[200].read_bytes())
+    follower = Follower(str(source), key_file=published["key_file"],
+                        cache_dir=tmp_path / "cache", interval=3600)
+    tally = PlayerTally()
+    server = MetricsServer("127.0.0.1", 0, lambda: player_metrics(follower, tally),
+                           lambda: player_health(follower, tally))
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        assert _get(base + "/healthz") == (503, "not playing yet\n")
+        assert "stream_agent_player_policy_step NaN" in _get(base + "/metrics")[1]
+        follower.start()
+        stepping = tally.stepping(lambda: False)
+        assert stepping() is False
+        for game_return in (1.0, 2.0, 6.0):
+            tally.game(game_return)
+        _offer(source, _resign(entries[300], b"w" * 64), files[300].read_bytes())  # forged
+        assert follower.check() is None
+        _offer(source, entries[100], files[100].read_bytes())  # older
+        assert follower.check() is None
+        status, metrics = _get(base + "/metrics")
+        assert status == 200
+        for line in ("stream_agent_player_policy_step 200.0",
+                     "stream_agent_player_games_total 3.0",
+                     "stream_agent_player_recent_games 3.0",
+                     "stream_agent_player_recent_mean_return 3.0",
+                     'stream_agent_player_refused_total{kind="signature"} 1.0',
+                     'stream_agent_player_refused_total{kind="older"} 1.0',
+                     'stream_agent_player_refused_total{kind="checksum"} 0.0',
+                     "stream_agent_player_source_errors_total 0.0"):
+            assert line in metrics.splitlines(), line
+        look = re.search(r"^stream_agent_player_last_good_look_timestamp_seconds (\S+)$",
+                         metrics, re.M)
+        assert look and time.time() - float(look.group(1)) < 60
+        status, line = _get(base + "/healthz")
+        assert status == 200 and line.startswith("playing policy step 200; the source last "
+                                                 "read"), line
+        tally.last_step_at = time.monotonic() - 120
+        assert _get(base + "/healthz") == (503, "stalled: no step for 120 s\n")
+        tally.stopped = True
+        assert _get(base + "/healthz") == (503, "not playing: stopped\n")
+    finally:
+        server.close()
         follower.close()
 
 

@@ -85,13 +85,27 @@ class FollowError(Exception):
 
 
 class Refused(Exception):
-    """A published policy that must not be played; one line. `retry`: the same entry may
-    be fetched again later (its file did not match its checksum: a corrupt transfer or a
-    file being replaced); otherwise it is never fetched again."""
+    """A published policy that must not be played; one line. `kind` sorts it for the
+    player's metrics (REFUSAL_KINDS). `retry`: the same entry may be fetched again later
+    (its file did not match its checksum: a corrupt transfer or a file being replaced);
+    otherwise it is never fetched again."""
 
-    def __init__(self, reason: str, retry: bool = False) -> None:
+    def __init__(self, reason: str, kind: str, retry: bool = False) -> None:
         super().__init__(reason)
+        self.kind = kind
         self.retry = retry
+
+
+# Why policies are refused, as the player's metrics count them.
+REFUSAL_KINDS = (
+    "entry",        # a malformed entry in latest.json
+    "size",         # larger than --max-policy-mb
+    "signature",    # unsigned, forged, or signed by a key this device does not trust
+    "older",        # not newer than what this device played (a replay, an old run)
+    "environment",  # made for another environment or stream
+    "checksum",     # the file does not match the entry's SHA-256
+    "model",        # not a usable model, or one that disagrees with its entry
+)
 
 
 @dataclass
@@ -131,7 +145,9 @@ class Follower:
         self.accepted = Accepted()           # read from the cache by start()
         self.played: list[int] = []          # the steps of the policies played, in order
         self.refused: list[dict[str, Any]] = []
+        self.refusals = dict.fromkeys(REFUSAL_KINDS, 0)  # all time, by kind
         self.source_errors = 0
+        self.last_good_look: float | None = None  # Unix time latest.json was last read
         self._refused_keys: dict[tuple, str] = {}  # refused entries -> why
         self._reported: set[tuple] = set()
         self._ready: Candidate | None = None
@@ -311,6 +327,7 @@ class Follower:
             self._down = condition
             self.problem = ("source", None, str(exc))
             raise SourceError(str(exc)) from None
+        self.last_good_look = time.time()
         if self._down is not None:
             log.info("source %s answers again", self.source)
             self._down = None
@@ -348,6 +365,7 @@ class Follower:
                 self._reported.add((key, str(exc)))
                 name = data.get("file") if isinstance(data, dict) else None
                 self.refused.append({"step": step, "file": name, "reason": str(exc)})
+                self.refusals[exc.kind] += 1
                 warn("refused policy step %s: %s", step, exc)
             self.problem = ("refused", step, str(exc))
             return None
@@ -364,24 +382,24 @@ class Follower:
         try:
             entry = parse_entry(data, self.trusted, self.max_policy_bytes)
         except ManifestError as exc:
-            raise Refused(str(exc)) from None
+            raise Refused(str(exc), exc.kind) from None
         with self._lock:
             ready, accepted = self._ready, self.accepted
         if ready is not None:  # what will play next counts as accepted
             accepted = accepted.record(ready.entry)
         why = accepted.refuses(entry, signed=self.trusted is not None)
         if why is not None:
-            raise Refused(why)
+            raise Refused(why, "older")
         if self.current is not None and entry.env_id != self.current.entry.env_id:
             raise Refused(f"made for {entry.env_id}, this device plays "
-                          f"{self.current.entry.env_id}")
+                          f"{self.current.entry.env_id}", "environment")
         tmp = self.cache / f"{PARTIAL}{entry.file}"
         try:
             self.source.download(entry.file, tmp, entry.size, download_seconds)
             digest = sha256_file(tmp)
             if digest != entry.sha256:
                 raise Refused(f"sha256 {digest[:16]}... does not match the manifest's "
-                              f"{entry.sha256[:16]}...", retry=True)
+                              f"{entry.sha256[:16]}...", "checksum", retry=True)
             policy = self._load(tmp, entry)
             final = self.cache / entry.file
             tmp.replace(final)
@@ -394,17 +412,18 @@ class Follower:
         try:
             policy = Policy.load(path, threads=self.threads)
         except ModelError as exc:
-            raise Refused(str(exc).replace(str(path), entry.file)) from None
+            raise Refused(str(exc).replace(str(path), entry.file), "model") from None
         meta = policy.metadata
         if meta["training_step"] != entry.step or meta["env_id"] != entry.env_id:
             raise Refused(f"the model says step {meta['training_step']} of "
-                          f"{meta['env_id']}, the manifest step {entry.step} of {entry.env_id}")
+                          f"{meta['env_id']}, the manifest step {entry.step} of {entry.env_id}",
+                          "model")
         if self.current is not None:
             ours = self.current.policy.metadata
             for key in STREAM_KEYS:
                 if meta[key] != ours[key]:
                     raise Refused(f"made for another stream: {key} is {meta[key]!r} there, "
-                                  f"{ours[key]!r} here")
+                                  f"{ours[key]!r} here", "environment")
         probe = self._probe
         observation = np.zeros(policy.observation_shape, policy.observation_dtype) \
             if probe is None else np.array(probe, dtype=policy.observation_dtype)
@@ -412,9 +431,10 @@ class Follower:
             logits = policy.logits(observation[None])
             action = policy.act(observation)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds
-            raise Refused(f"forward pass failed ({type(exc).__name__})") from None
+            raise Refused(f"forward pass failed ({type(exc).__name__})", "model") from None
         if not np.isfinite(logits).all() or not 0 <= action < policy.num_actions:
-            raise Refused("forward pass gives non-finite logits or an action out of range")
+            raise Refused("forward pass gives non-finite logits or an action out of range",
+                          "model")
         return policy
 
     # -- the cache -----------------------------------------------------------------------------

@@ -51,7 +51,12 @@ _RUN = re.compile(r"[0-9a-f]{8,64}")
 
 
 class ManifestError(ValueError):
-    """An entry that cannot be used (malformed, unsigned, wrongly signed, too big); one line."""
+    """An entry that cannot be used (malformed, unsigned, wrongly signed, too big); one line.
+    `kind` sorts it for the player's metrics: "entry", "size" or "signature"."""
+
+    def __init__(self, message: str, kind: str = "entry") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def policy_file(step: int) -> str:
@@ -214,7 +219,8 @@ def parse_entry(data: Any, key: TrustedKeys | bytes | None, max_size: int) -> En
         raise ManifestError("entry sha256 is not 64 lower-case hex digits")
     size = _int(data, "size", 1)
     if size > max_size:
-        raise ManifestError(f"entry size {size} bytes is above the limit of {max_size}")
+        raise ManifestError(f"entry size {size} bytes is above the limit of {max_size}",
+                            "size")
     env_id = data.get("env_id")
     if not isinstance(env_id, str) or not env_id:
         raise ManifestError("entry has no env_id")
@@ -222,12 +228,12 @@ def parse_entry(data: Any, key: TrustedKeys | bytes | None, max_size: int) -> En
     if key is not None:
         signature = data.get("signature")
         if not isinstance(signature, str):
-            raise ManifestError("entry is not signed (a key is configured)")
+            raise ManifestError("entry is not signed (a key is configured)", "signature")
         trusted = key if isinstance(key, TrustedKeys) else TrustedKeys.from_secret(key)
         try:
             trusted.verify(canonical(data), signature)
         except SignatureError as exc:
-            raise ManifestError(str(exc)) from None
+            raise ManifestError(str(exc), "signature") from None
     return Entry(step, name, digest, size, env_id, data, run, started, sequence, replaces)
 
 
