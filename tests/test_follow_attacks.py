@@ -8,7 +8,8 @@ to send a device back (an older step of its run, a run it left, an older run). R
 servers on 127.0.0.1, timeouts of a second or two. Torch-free: the policies are tiny ONNX
 graphs made here (a linear CartPole actor with the exporter's metadata), signed with a shared
 HMAC key, or with an Ed25519 key whose public key is all the device holds (the attacker's
-keys, a rotation).
+keys, a rotation). Last, the attacks in one sequence on a player installed from the
+torch-free wheel, across its restarts, its metrics scraped on the way.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,7 +41,7 @@ from runtime.device.follow import PARTIAL, Follower, FollowError
 from runtime.device.keys import Signer
 from runtime.device.manifest import load_key, policy_file, run_fields, sign
 from runtime.device.sources import Source, SourceError
-from tests.conftest import ROOT, KeyPair, _env, make_key_pair
+from tests.conftest import ROOT, KeyPair, _device_env, _env, make_key_pair
 
 DRIP_SECONDS = 0.2  # between two bytes of a dripping server
 TIMEOUT = 1.0  # the source's timeout: one read, and the whole of latest.json
@@ -859,3 +863,125 @@ def test_a_cache_from_before_run_identities_starts_from_its_policy(
     again.start()
     again.close()
     assert again.step == 1000 and "not newer than step 1000" in again.refused[-1]["reason"]
+
+
+# -- the whole attack on a device installed from the wheel --------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class _Device:
+    """`python -m runtime.infer --follow` from the torch-free wheel's venv, outside the
+    repository, with the fleet's public key and its own cache: started, stopped, restarted."""
+
+    def __init__(self, venv: dict, url: str, public_key: Path, home: Path) -> None:
+        self.metrics_port = _free_port()
+        self.command = [str(venv["python"]), "-m", "runtime.infer", "--follow", url,
+                        "--key", str(public_key), "--cache", str(home / "cache"),
+                        "--interval", "0.2", "--timeout", "1", "--max-policy-mb", "1",
+                        "--metrics-port", str(self.metrics_port)]
+        self.home = home
+        home.mkdir()
+        self.process: subprocess.Popen[str] | None = None
+        self.lines = _Lines(iter(()))
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, cwd=self.home, env=_device_env(),
+                                        text=True, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
+        self.lines = _Lines(self.process.stderr)
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> str:
+        line = _wait_for(lambda: self.lines.find(pattern), timeout,
+                         f"{pattern!r} in:\n" + "\n".join(self.lines.lines))
+        print("device:", line)
+        return str(line)
+
+    def scrape(self, path: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def stop(self) -> dict:
+        """SIGTERM; the summary, after a clean exit within seconds."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.process.communicate(timeout=30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+        stderr = "\n".join(self.lines.lines)
+        assert self.process.returncode == 0 and "Traceback" not in stderr, stderr
+        return json.loads(out)
+
+
+def test_a_wheel_device_holds_against_the_served_directory_across_restarts(
+        device_venv: dict, served: Served, tmp_path: Path) -> None:
+    """Whoever can write the served directory, holding no key: a forged latest.json at start
+    and while playing, an oversized entry, latest.json dripping, a genuine older entry
+    across a restart; then the learner's --fresh run is followed and its old run refused."""
+    fleet, attacker = make_key_pair(tmp_path, "fleet"), make_key_pair(tmp_path, "attacker")
+    key = fleet.signer
+    device = _Device(device_venv, served.url, fleet.public, tmp_path / "device")
+
+    served.offer(*run_entry(RUN_A, 1000, key))
+    device.start()
+    device.wait_for(r"playing policy step 1000 ")
+    assert device.stop()["policies_played"] == [1000]
+
+    forged = policy_bytes(3000)
+    served.offer(entry_for(3000, forged, attacker.signer, **run_fields(RUN_A, 4)), forged)
+    device.start()  # a forged latest.json at start: the cached policy plays
+    device.wait_for(rf"refused policy step 3000 from {served.url}: entry signed by key "
+                    rf"{attacker.key_id}, which this device does not trust .*; playing the "
+                    rf"cached policy of step 1000")
+    served.offer(*run_entry(RUN_A, 2000, key))
+    device.wait_for(r"playing policy step 2000 ")
+    forged = policy_bytes(4000)
+    served.offer(entry_for(4000, forged, attacker.signer, **run_fields(RUN_A, 5)), forged)
+    device.wait_for(rf"refused policy step 4000: entry signed by key {attacker.key_id}")
+    entry, data = run_entry(RUN_A, 5000, key, size=2 << 20)  # above --max-policy-mb 1
+    served.offer(entry, data)
+    device.wait_for(r"refused policy step 5000: entry size 2097152 bytes is above the limit")
+    served.modes["latest.json"] = "drip"
+    served.offer(*run_entry(RUN_A, 6000, key))
+    served.modes["latest.json"] = "drip"
+    device.wait_for(r"source problem, the current policy keeps playing")
+    served.modes.pop("latest.json")
+    device.wait_for(r"answers again")
+    device.wait_for(r"playing policy step 6000 ")
+    status, metrics = device.scrape("/metrics")
+    for line in ("stream_agent_player_policy_step 6000.0",
+                 'stream_agent_player_refused_total{kind="signature"} 2.0',
+                 'stream_agent_player_refused_total{kind="size"} 1.0'):
+        assert line in metrics.splitlines(), metrics
+    status, health = device.scrape("/healthz")
+    assert status == 200 and health.startswith("playing policy step 6000"), health
+    summary = device.stop()
+    assert summary["policies_played"] == [1000, 2000, 6000]
+    assert [r["step"] for r in summary["refused"]] == [3000, 4000, 5000]
+    assert summary["source_errors"] >= 1
+
+    served.offer(*run_entry(RUN_A, 1000, key))  # a genuine older entry, across a restart
+    device.start()
+    device.wait_for(rf"refused policy step 1000 from {served.url}: not newer than step 6000 "
+                    rf"of its run {RUN_A['id']}, which this device already played; playing "
+                    rf"the cached policy of step 6000")
+    served.offer(*run_entry(RUN_B, 500, key, sequence=1))  # the learner's --fresh run
+    device.wait_for(rf"playing policy step 500 of run {RUN_B['id']}")
+    served.offer(*run_entry(RUN_A, 7000, key))
+    device.wait_for(rf"refused policy step 7000: run {RUN_A['id']} was left for run "
+                    rf"{RUN_B['id']}")
+    summary = device.stop()
+    assert summary["policies_played"] == [6000, 500]
+    assert [r["step"] for r in summary["refused"]] == [1000, 7000]
+    assert sorted(p.name for p in (device.home / "cache").iterdir()) == [
+        "accepted.json", "current.json", policy_file(500)]
