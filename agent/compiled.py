@@ -28,6 +28,19 @@ import torch._dynamo  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+def failure_reason(exc: BaseException) -> str:
+    """One line for a compiler failure: its root cause, named by type. Dynamo wraps the
+    backend's error in its own ("backend='inductor' raised:"), whose first line says
+    nothing; the cause says what happened (a compile worker killed by Ctrl-C, say)."""
+    root, seen = exc, {id(exc)}
+    while (root.__cause__ or root.__context__) is not None \
+            and id(root.__cause__ or root.__context__) not in seen:
+        root = root.__cause__ or root.__context__
+        seen.add(id(root))
+    lines = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {lines[0][:200]}" if lines else type(root).__name__
+
+
 def c_compiler() -> str | None:
     """The C++ compiler inductor would use, or None when the machine has none."""
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
@@ -70,9 +83,8 @@ class Compiled:
         try:
             result = self._compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() \
-                else type(exc).__name__
-            log.warning("%s: compiling failed (%s): running eagerly", self.name, reason)
+            log.warning("%s: compiling failed (%s): running eagerly", self.name,
+                        failure_reason(exc))
             self.enabled = False
             self._call = self.eager
             return self.eager(*args)

@@ -166,3 +166,28 @@ def test_inductor_caches_under_the_users_cache_directory(tmp_path: Path) -> None
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout.strip()
     assert Path(out) == tmp_path / "stream-agent-runtime" / "torchinductor"
+
+
+@pytest.mark.usefixtures("compiling")
+def test_a_failed_compile_names_its_root_cause_and_runs_eagerly(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Dynamo wraps a compile worker's death in an error whose first line says nothing."""
+    def add_one(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    monkeypatch.setattr(compiled, "c_compiler", lambda: "c++")  # nothing is compiled here
+    wrapped = compiled.Compiled(add_one, "test fn", enabled=True)
+
+    def broken(*args: object) -> None:
+        try:
+            raise RuntimeError("A process in the process pool was terminated abruptly")
+        except RuntimeError as cause:
+            raise RuntimeError("backend='inductor' raised:\n") from cause
+
+    monkeypatch.setattr(wrapped, "_compiled", broken)
+    with caplog.at_level(logging.WARNING, logger="agent.compiled"):
+        assert float(wrapped(torch.tensor(1.0))) == 2.0
+        assert float(wrapped(torch.tensor(2.0))) == 3.0
+    assert not wrapped.enabled
+    assert "test fn: compiling failed (RuntimeError: A process in the process pool was " \
+           "terminated abruptly): running eagerly" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue
 import re
 import secrets
 import signal
@@ -16,6 +17,7 @@ import onnx
 import pytest
 
 import runtime.daemon.export as export_module
+import runtime.daemon.publish as publish_module
 from agent.learner import A2CLearner
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.daemon.config import load_config
@@ -331,3 +333,48 @@ def test_a_dead_publisher_process_is_counted_and_replaced(tmp_path: Path) -> Non
     finally:
         publisher.close()
     assert publisher._worker is None
+
+
+class _Unanswered:
+    """A publisher process and its queues that take jobs and never answer."""
+
+    pid, exitcode = 0, None
+
+    def is_alive(self) -> bool:
+        return True
+
+    def put(self, job: object) -> None:
+        pass
+
+    def get_nowait(self) -> object:
+        raise queue.Empty
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    terminate = cancel_join_thread = close = lambda self: None
+
+
+def test_a_stop_waits_for_an_export_once_not_twice(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export still running at the stop: publish_final and close share one deadline."""
+    config, learner, spec = _cartpole(tmp_path / "run", "export.every_steps=10")
+    counters = Counters()
+    publisher = Publisher(config, tmp_path / "run", learner, spec, counters)
+    stub = _Unanswered()
+
+    def start() -> None:
+        publisher._worker = publisher._jobs = publisher._results = stub
+
+    monkeypatch.setattr(publisher, "_start_worker", start)
+    monkeypatch.setattr(publish_module, "CLOSE_GRACE_SECONDS", 0.2)
+    deadlines: list[float] = []
+    wait = publisher._wait
+    monkeypatch.setattr(publisher, "_wait", lambda d: deadlines.append(d) or wait(d))
+    publisher.tick(10, time.monotonic(), [1.0])
+    assert publisher.status()["in_flight_step"] == 10
+    publisher.publish_final(15, [1.0])
+    publisher.close()
+    assert len(set(deadlines)) == 1 and len(deadlines) >= 2
+    assert counters.faults.export_failures == 1
+    assert "the daemon stopped first" in publisher.status()["last_error"]

@@ -129,6 +129,7 @@ class Publisher:
         self.last_error: str | None = None
         self.last_export_seconds: float | None = None
         self._stopping = False  # no next interval to retry a failed export at
+        self._close_deadline: float | None = None  # set by publish_final
 
     # -- the one call per step --------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class Publisher:
         self._stopping = True
         if not (self.trigger.enabled and self.config.export.on_stop):
             return
-        deadline = time.monotonic() + CLOSE_GRACE_SECONDS
+        deadline = self._close_deadline = time.monotonic() + CLOSE_GRACE_SECONDS
         self._wait(deadline)
         if self._in_flight is not None or self.counts.last_step == step:
             return  # close() reports an export still running
@@ -241,13 +242,15 @@ class Publisher:
         self._wait(deadline)
 
     def close(self) -> None:
-        """Let an export in flight finish (up to CLOSE_GRACE_SECONDS), then stop the
-        process."""
+        """Let an export in flight finish, then stop the process: up to CLOSE_GRACE_SECONDS
+        from here, or from publish_final's start (the stop waits once, not twice)."""
         self._stopping = True
         if self._in_flight is not None and self._worker is not None:
-            log.info("waiting up to %.0f s for the export of step %d", CLOSE_GRACE_SECONDS,
-                     self._in_flight[0])
-            self._wait(time.monotonic() + CLOSE_GRACE_SECONDS)
+            deadline = self._close_deadline or time.monotonic() + CLOSE_GRACE_SECONDS
+            if time.monotonic() < deadline:
+                log.info("waiting up to %.0f s for the export of step %d",
+                         deadline - time.monotonic(), self._in_flight[0])
+            self._wait(deadline)
             if self._in_flight is not None:
                 self._failed(self._in_flight[0], "the daemon stopped first")
         self._stop_worker()
