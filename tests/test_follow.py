@@ -10,8 +10,6 @@ import secrets
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from runtime.device.manifest import (
 from runtime.device.monitoring import PlayerTally, player_health, player_metrics
 from runtime.device.sources import Source, SourceError
 from runtime.monitoring import MetricsServer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, http_get
 
 MAX = 10 << 20
 RUN = "0123456789abcdef"
@@ -248,14 +246,6 @@ def test_follower_swaps_between_episodes_and_refuses_bad_policies(published: dic
         follower.close()
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def test_a_players_metrics_and_health_say_what_it_plays_and_refuses(published: dict,
                                                                      tmp_path: Path) -> None:
     source = tmp_path / "source"
@@ -268,8 +258,8 @@ def test_a_players_metrics_and_health_say_what_it_plays_and_refuses(published: d
                            lambda: player_health(follower, tally))
     base = f"http://127.0.0.1:{server.port}"
     try:
-        assert _get(base + "/healthz") == (503, "not playing yet\n")
-        assert "stream_agent_player_policy_step NaN" in _get(base + "/metrics")[1]
+        assert http_get(base + "/healthz") == (503, "not playing yet\n")
+        assert "stream_agent_player_policy_step NaN" in http_get(base + "/metrics")[1]
         follower.start()
         stepping = tally.stepping(lambda: False)
         assert stepping() is False
@@ -279,7 +269,7 @@ def test_a_players_metrics_and_health_say_what_it_plays_and_refuses(published: d
         assert follower.check() is None
         _offer(source, entries[100], files[100].read_bytes())  # older
         assert follower.check() is None
-        status, metrics = _get(base + "/metrics")
+        status, metrics = http_get(base + "/metrics")
         assert status == 200
         for line in ("stream_agent_player_policy_step 200.0",
                      "stream_agent_player_games_total 3.0",
@@ -293,13 +283,13 @@ def test_a_players_metrics_and_health_say_what_it_plays_and_refuses(published: d
         look = re.search(r"^stream_agent_player_last_good_look_timestamp_seconds (\S+)$",
                          metrics, re.M)
         assert look and time.time() - float(look.group(1)) < 60
-        status, line = _get(base + "/healthz")
+        status, line = http_get(base + "/healthz")
         assert status == 200 and line.startswith("playing policy step 200; the source last "
                                                  "read"), line
         tally.last_step_at = time.monotonic() - 120
-        assert _get(base + "/healthz") == (503, "stalled: no step for 120 s\n")
+        assert http_get(base + "/healthz") == (503, "stalled: no step for 120 s\n")
         tally.stopped = True
-        assert _get(base + "/healthz") == (503, "not playing: stopped\n")
+        assert http_get(base + "/healthz") == (503, "not playing: stopped\n")
     finally:
         server.close()
         follower.close()

@@ -22,13 +22,10 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,7 +38,15 @@ from runtime.device.follow import PARTIAL, Follower, FollowError
 from runtime.device.keys import Signer
 from runtime.device.manifest import load_key, policy_file, run_fields, sign
 from runtime.device.sources import Source, SourceError
-from tests.conftest import ROOT, KeyPair, _device_env, _env, make_key_pair
+from tests.conftest import (
+    ROOT,
+    KeyPair,
+    _device_env,
+    _env,
+    free_port,
+    http_get,
+    make_key_pair,
+)
 
 DRIP_SECONDS = 0.2  # between two bytes of a dripping server
 TIMEOUT = 1.0  # the source's timeout: one read, and the whole of latest.json
@@ -868,18 +873,12 @@ def test_a_cache_from_before_run_identities_starts_from_its_policy(
 # -- the whole attack on a device installed from the wheel --------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class _Device:
     """`python -m runtime.infer --follow` from the torch-free wheel's venv, outside the
     repository, with the fleet's public key and its own cache: started, stopped, restarted."""
 
     def __init__(self, venv: dict, url: str, public_key: Path, home: Path) -> None:
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.command = [str(venv["python"]), "-m", "runtime.infer", "--follow", url,
                         "--key", str(public_key), "--cache", str(home / "cache"),
                         "--interval", "0.2", "--timeout", "1", "--max-policy-mb", "1",
@@ -902,12 +901,7 @@ class _Device:
         return str(line)
 
     def scrape(self, path: str) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.metrics_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return http_get(f"http://127.0.0.1:{self.metrics_port}{path}")
 
     def stop(self) -> dict:
         """SIGTERM; the summary, after a clean exit within seconds."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import socket
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -15,21 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.daemon.errors import SetupError
 from runtime.daemon.monitoring import STALL_SECONDS, MetricsEndpoint
-from tests.conftest import CARTPOLE, cli, start_daemon, wait_for_status
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+from tests.conftest import CARTPOLE, cli, free_port, http_get, start_daemon, wait_for_status
 
 
 def _status(state: str = "running") -> dict:
@@ -41,15 +26,15 @@ def _status(state: str = "running") -> dict:
 
 
 def test_a_learning_daemon_is_scraped_and_healthy(run_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     daemon = start_daemon("--config", "config.yaml", "--run-dir", str(run_dir), *CARTPOLE,
                           "--set", f"log.metrics_port={port}")
     try:
         wait_for_status(run_dir, 50, timeout=120)
         url = f"http://127.0.0.1:{port}"
-        code, line = _get(url + "/healthz")
+        code, line = http_get(url + "/healthz")
         assert code == 200 and line.startswith("learning: last step"), line
-        code, text = _get(url + "/metrics")
+        code, text = http_get(url + "/metrics")
         assert code == 200
         families = {f.name: f for f in text_string_to_metric_families(text)}
         steps = families["stream_agent_steps"]
@@ -87,18 +72,18 @@ def test_health_says_why_not() -> None:
     endpoint = MetricsEndpoint("127.0.0.1", 0, lambda: status)
     try:
         url = f"http://127.0.0.1:{endpoint.port}/healthz"
-        assert _get(url) == (503, "not learning: starting\n")
+        assert http_get(url) == (503, "not learning: starting\n")
         status["state"] = "running"
-        assert _get(url) == (503, "not learning yet: no step taken\n")
+        assert http_get(url) == (503, "not learning yet: no step taken\n")
         endpoint.after_step(7, time.monotonic(), None)
-        assert _get(url)[0] == 200
+        assert http_get(url)[0] == 200
         endpoint.after_step(7, time.monotonic() - STALL_SECONDS - 5, None)
-        code, line = _get(url)
+        code, line = http_get(url)
         assert code == 503 and line.startswith("stalled: no step for 6")
         status["state"] = "stopped"
-        assert _get(url) == (503, "not learning: stopped\n")
+        assert http_get(url) == (503, "not learning: stopped\n")
         families = {f.name: f for f in text_string_to_metric_families(
-            _get(f"http://127.0.0.1:{endpoint.port}/metrics")[1])}
+            http_get(f"http://127.0.0.1:{endpoint.port}/metrics")[1])}
         assert families["stream_agent_recent_mean_return"].samples[0].value == 12.0
         assert str(families["stream_agent_last_published_step"].samples[0].value) == "nan"
     finally:
