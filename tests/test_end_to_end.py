@@ -226,7 +226,10 @@ def test_a_torch_free_device_follows_the_learning_daemon(device_venv: dict,
     per_policy = summary["policies"]
     assert [p["step"] for p in per_policy] == steps
     assert all(p["games"] >= 1 for p in per_policy)
-    first_score = per_policy[0]["mean_return"]
-    later = [p["mean_return"] for p in per_policy[1:]]
-    assert per_policy[-1]["mean_return"] > first_score and min(later) > first_score, per_policy
+    # The device ends on a policy that learned CartPole (500 is its cap), better than the
+    # first it played unless that one had learned too: publishing into the graph is fast
+    # enough that the first policy the device sees may already be a late one.
+    first_score, final_score = per_policy[0]["mean_return"], per_policy[-1]["mean_return"]
+    assert final_score >= 200, per_policy  # random play scores about 22
+    assert final_score > first_score or first_score >= 490, per_policy
     assert summary["games"] == sum(p["games"] for p in per_policy)
