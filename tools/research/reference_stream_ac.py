@@ -84,6 +84,12 @@ class _RunningMeanVar:
     def var(self) -> np.ndarray:
         return self._m2 / (self.count - 1) if self.count > 1 else np.ones_like(self.mean)
 
+    def state(self) -> tuple[int, np.ndarray, np.ndarray]:
+        return self.count, self.mean, self._m2
+
+    def load(self, state: tuple[int, np.ndarray, np.ndarray]) -> None:
+        self.count, self.mean, self._m2 = state
+
 
 def _sparse_linear(inputs: int, outputs: int, sparsity: float,
                    generator: torch.Generator) -> nn.Linear:
@@ -213,11 +219,10 @@ class _ActorCritic:
         self.value_opt.step(delta, reset=ended)
 
     def state_dict(self) -> dict[str, Any]:
-        stats = self.trace_stats
         return {"policy": self.policy.state_dict(), "value": self.value.state_dict(),
                 "policy_traces": self.policy_opt.traces, "value_traces": self.value_opt.traces,
                 "reward_trace": self.reward_trace,
-                "trace_stats": (stats.count, stats.mean, stats._m2)}
+                "trace_stats": self.trace_stats.state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
@@ -227,8 +232,7 @@ class _ActorCritic:
             for trace, value in zip(mine, saved, strict=True):
                 trace.copy_(value)
         self.reward_trace = state["reward_trace"]
-        stats = self.trace_stats
-        stats.count, stats.mean, stats._m2 = state["trace_stats"]
+        self.trace_stats.load(state["trace_stats"])
 
 
 def run(env_id: str, steps: int, seed: int, *, max_episode_steps: int | None = None,
@@ -361,18 +365,16 @@ def run_frames(env_id: str, steps: int, seed: int, run_dir: Path) -> int:
         s = normalise(stream.reset())
     else:
         learner.load_state_dict(saved["learner"])
-        stats = normalise.stats
-        stats.count, stats.mean, stats._m2 = saved["frame_stats"]
+        normalise.stats.load(saved["frame_stats"])
         generator.set_state(saved["generator"])
         stream.load_state_dict(saved["stream"])
         step, games, game_return, s = (saved["step"], saved["games"], saved["game_return"],
                                        saved["s"])
 
     def checkpoint() -> None:
-        stats = normalise.stats
         out.save({"step": step, "games": games, "game_return": game_return, "s": s,
                   "learner": learner.state_dict(), "generator": generator.get_state(),
-                  "frame_stats": (stats.count, stats.mean, stats._m2),
+                  "frame_stats": normalise.stats.state(),
                   "stream": stream.state_dict()})
 
     started, start_step = time.monotonic(), step
