@@ -9,6 +9,7 @@ import pytest
 
 from runtime.daemon.checkpoints import CheckpointStore, read_checkpoint
 from runtime.daemon.config import ConfigError, load_config
+from runtime.device.policy import Policy
 from runtime.metrics import metrics_path, read_jsonl
 from tests.conftest import ROOT
 from tools import archive_run
@@ -120,3 +121,23 @@ def test_the_kept_runs_stay_within_their_size_budget() -> None:
     assert size <= RUNS_BUDGET_MIB << 20, f"docs/runs holds {size / 2**20:.1f} MiB"
     assert all(len(list(d.glob("*.pt"))) <= 1 for d in runs.rglob("checkpoints")), \
         "an archived run keeps only its newest checkpoint"
+
+
+# The policies the docs ship: name -> (stream, training step). A fresh clone must hold them.
+SHIPPED_POLICIES = {
+    **{f"breakout-2m-seed-{n}": ("ALE/Breakout-v5", 2_000_000) for n in range(5)},
+    "pong-1m-seed-0": ("ALE/Pong-v5", 1_000_000),
+    **{f"space-invaders-1m-seed-{n}": ("ALE/SpaceInvaders-v5", 1_000_000) for n in (0, 1)},
+    **{f"seaquest-1m-seed-{n}": ("ALE/Seaquest-v5", 1_000_000) for n in (0, 1)},
+}
+POLICIES_BUDGET_MIB = 12  # the budget docs/results.md states for docs/policies
+
+
+def test_the_shipped_policies_are_in_the_repository_and_are_what_they_are_named() -> None:
+    policies = ROOT / "docs" / "policies"
+    assert sorted(p.stem for p in policies.glob("*.onnx")) == sorted(SHIPPED_POLICIES)
+    for name, (env_id, step) in SHIPPED_POLICIES.items():
+        metadata = Policy.load(policies / f"{name}.onnx").metadata
+        assert (metadata["env_id"], metadata["training_step"]) == (env_id, step), name
+    size = sum(p.stat().st_size for p in policies.glob("*.onnx"))
+    assert size <= POLICIES_BUDGET_MIB << 20, f"docs/policies holds {size / 2**20:.1f} MiB"
