@@ -247,15 +247,15 @@ START_ATTACKS = ("forged", "unsigned", "corrupt", "oversized entry", "oversized 
                  "not JSON", "down", "slow latest.json", "slow headers", "slow policy file")
 
 
-def _attack(attack: str, served: Served, key: bytes) -> str:
-    """Publish step 200 as `attack` says; returns a needle of the reason a device gives."""
-    data = policy_bytes(200)
-    good = entry_for(200, data, key)
+def _attack(attack: str, served: Served, key: bytes, step: int = 200) -> str:
+    """Publish `step` as `attack` says; returns a needle of the reason a device gives."""
+    data = policy_bytes(step)
+    good = entry_for(step, data, key)
     if attack == "forged":
         served.offer({**good, "mean_return": 1e9}, data)  # changed after signing
         return "entry signature does not match the key"
     if attack == "unsigned":
-        served.offer(entry_for(200, data, None), data)
+        served.offer(entry_for(step, data, None), data)
         return "entry is not signed"
     if attack == "corrupt":
         bad = bytearray(data)
@@ -263,7 +263,7 @@ def _attack(attack: str, served: Served, key: bytes) -> str:
         served.offer(good, bytes(bad))
         return "does not match the manifest's"
     if attack == "oversized entry":
-        served.offer(entry_for(200, data, key, size=65 << 20), data)
+        served.offer(entry_for(step, data, key, size=65 << 20), data)
         return "above the limit"
     if attack == "oversized file":
         served.offer(good, data, mode="extra")
@@ -284,7 +284,7 @@ def _attack(attack: str, served: Served, key: bytes) -> str:
         return f"latest.json: timed out: not received within {TIMEOUT:g} s"
     assert attack == "slow policy file"
     served.offer(good, data, mode="drip")
-    return f"{policy_file(200)}: timed out: not received within"
+    return f"{policy_file(step)}: timed out: not received within"
 
 
 @pytest.mark.parametrize("attack", START_ATTACKS)
@@ -509,9 +509,12 @@ def test_forged_corrupt_and_oversized_policies_while_playing(
     follower = _follower(served.url, key_file, cache, interval=0.1)
     try:
         follower.start()
-        for attack in ("forged", "corrupt", "oversized entry", "oversized file"):
+        # Each attack at a step of its own: a genuine file written under the name of an
+        # earlier attack's genuine entry would be a genuine policy, rightly taken.
+        attacks = ("forged", "corrupt", "oversized entry", "oversized file")
+        for step, attack in enumerate(attacks, start=200):
             mark = len(_warnings(caplog))
-            needle = _attack(attack, served, key)
+            needle = _attack(attack, served, key, step)
             _wait_for(lambda n=needle, m=mark: any(n in w for w in _warnings(caplog)[m:]),
                       10, attack)
             time.sleep(0.5)  # a few more looks: nothing more is said
@@ -529,7 +532,7 @@ def test_forged_corrupt_and_oversized_policies_while_playing(
         assert follower.step == 300
     finally:
         follower.close()
-    assert [r["step"] for r in follower.summary()["refused"]] == [200, 200, 200]
+    assert [r["step"] for r in follower.summary()["refused"]] == [200, 201, 202]
     assert sorted(p.name for p in cache.iterdir()) == ["accepted.json", "current.json",
                                                        policy_file(300)]
 
