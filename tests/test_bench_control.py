@@ -57,6 +57,24 @@ def test_the_reference_learner_on_atari_resumes_exactly_from_its_run_dir(
     assert sweep.read_env_id(resumed) == "ALE/Breakout-v5"
 
 
+def test_the_probe_plays_a_runs_saved_actor_and_leaves_the_run_as_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert reference_stream_ac.run_frames("ALE/Breakout-v5", 100, 0, run) == 100
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+    env_id, step, profile = reference_stream_ac.probe_run(run, games=1, max_steps=60)
+    assert (env_id, step) == ("ALE/Breakout-v5", 100)
+    assert len(profile.entropy_fractions) == 60 and profile.taken.sum() == pytest.approx(1.0)
+    assert 0.9 < profile.entropy_fractions.mean() <= 1.0  # 100 updates: near uniform
+    assert profile.mean_probability.sum() == pytest.approx(1.0)
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == before
+    with pytest.raises(SystemExit, match="holds no checkpoint"):
+        reference_stream_ac.probe_run(tmp_path / "missing", games=1)
+    with pytest.raises(SystemExit):
+        reference_stream_ac.main(["--probe", "0", "--run-dir", str(run)])
+    assert "--probe" in capsys.readouterr().err
+
+
 def test_bench_control_prints_both_learners_per_task(capsys: pytest.CaptureFixture) -> None:
     assert control.main(["--envs", "CartPole-v1", "--steps", "400", "--seeds", "2",
                                "--max-episode-steps", "100"]) == 0

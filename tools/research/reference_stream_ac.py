@@ -36,6 +36,13 @@ metrics.jsonl (a line per whole game), status.json, config.yaml and a checkpoint
 50,000 steps; the same command after a stop resumes from the checkpoint, exactly, and the
 games played after it are played again, not counted twice.
 
+    python tools/research/reference_stream_ac.py --probe 5 --run-dir runs/reference/pong/seed-0
+
+plays five whole games with the actor of a frames run's checkpoint (the run dir's stream,
+actions sampled as while learning, the frame statistics held as saved) and prints what
+tools/research/policy_probe.py prints for an exported policy: whether the actor's choice
+depends on what it sees. It reads the run dir and changes nothing in it.
+
 It is a benchmark baseline, not part of the runtime: tools/research/control.py compares the
 daemon's default settings against it, per task and seed.
 """
@@ -62,6 +69,8 @@ from runtime.daemon.config import load_config
 from runtime.files import write_atomic
 from runtime.streams import Stream, StreamError, is_atari_id, open_stream
 from tools import ROOT
+from tools.research.policy_probe import Profile, probe
+from tools.research.sweep import read_env_id
 
 CHECKPOINT_EVERY = 50_000
 
@@ -405,6 +414,52 @@ def run_frames(env_id: str, steps: int, seed: int, run_dir: Path) -> int:
     return step
 
 
+class _ProbedActor:
+    """A frames run's actor as policy_probe.probe plays a policy: the logits of a raw
+    observation, normalised by the frame statistics as the checkpoint saved them."""
+
+    def __init__(self, env_id: str, policy: nn.Module, stats: _RunningMeanVar,
+                 stream: Stream) -> None:
+        self.policy, self.stats = policy, stats
+        self.observation_shape = tuple(stream.spec.observation_shape)
+        self.observation_dtype = stream.spec.observation_dtype
+        self.num_actions = int(stream.spec.num_actions)
+        self.metadata = {"env_id": env_id}
+
+    def logits(self, observations: np.ndarray) -> np.ndarray:
+        normed = (observations[0] - self.stats.mean) / np.sqrt(self.stats.var + 1e-8)
+        with torch.no_grad():
+            return self.policy(torch.as_tensor(normed, dtype=torch.float32)).numpy()[None]
+
+
+def probe_run(run_dir: Path, games: int, seed: int = 0,
+              max_steps: int | None = None) -> tuple[str, int, Profile]:
+    """(stream, step, profile) of the actor in run_dir's checkpoint over `games` whole
+    games (or `max_steps` steps) on the run's stream, seeded by `seed`; run_dir is only
+    read. Raises SystemExit with one line when it holds no frames run's checkpoint."""
+    path = run_dir / "checkpoint.pt"
+    env_id = read_env_id(run_dir)
+    if env_id is None or not path.exists():
+        raise SystemExit(f"error: {run_dir} holds no checkpoint of a frames run")
+    saved = torch.load(path, weights_only=False)  # written by this script
+    try:
+        stream = open_frames(env_id, seed)
+    except StreamError as exc:
+        raise SystemExit(f"error: {env_id}: {exc}") from None
+    try:
+        shape = stream.spec.observation_shape
+        policy = _ConvTower(shape[0], (shape[1], shape[2]), 256, stream.spec.num_actions,
+                            torch.Generator().manual_seed(seed))
+        policy.load_state_dict(saved["learner"]["policy"])
+        stats = _RunningMeanVar((shape[1], shape[2]))
+        stats.load(saved["frame_stats"])
+        actor = _ProbedActor(env_id, policy, stats, stream)
+        return env_id, int(saved["step"]), probe(actor, stream, games, max_steps, False,
+                                                 np.random.default_rng(seed))
+    finally:
+        stream.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--env", default="CartPole-v1")
@@ -417,8 +472,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-time-feature", action="store_true",
                         help="a constant in place of the time feature (an ablation)")
     parser.add_argument("--run-dir", type=Path, help="Atari: the run dir to write and resume")
+    parser.add_argument("--probe", type=int, metavar="GAMES",
+                        help="play GAMES whole games with --run-dir's saved actor and print "
+                             "what it does (the run dir is only read)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.probe is not None:
+        if args.run_dir is None or args.probe < 1:
+            parser.error("--probe takes a number of games >= 1 and a --run-dir")
+        env_id, step, profile = probe_run(args.run_dir, args.probe, args.seed)
+        print(f"{args.run_dir} at step {step} on {env_id}, sampled actions")
+        print("\n".join(profile.lines()))
+        return 0
     try:
         atari = is_atari_id(args.env)
     except StreamError as exc:
