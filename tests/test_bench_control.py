@@ -39,16 +39,20 @@ def test_the_reference_learner_refuses_continuous_actions() -> None:
 def test_the_reference_learner_on_atari_resumes_exactly_from_its_run_dir(
         tmp_path: Path) -> None:
     """Straight to step 200 against stopped at 100 and resumed, with a game a kill left
-    past the checkpoint in metrics.jsonl: the same games once each, the same weights."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    past the checkpoint in metrics.jsonl, and against a run killed before its first
+    checkpoint: the same games once each, the same weights."""
+    straight, resumed, killed = tmp_path / "straight", tmp_path / "resumed", tmp_path / "killed"
     assert reference_stream_ac.run_frames("ALE/Breakout-v5", 200, 0, straight) == 200
     assert reference_stream_ac.run_frames("ALE/Breakout-v5", 100, 0, resumed) == 100
     with open(resumed / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 130, "return": 99.0}) + "\n")
     assert reference_stream_ac.run_frames("ALE/Breakout-v5", 200, 0, resumed) == 200
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text(json.dumps({"step": 80, "return": 1.0}) + "\n")
+    assert reference_stream_ac.run_frames("ALE/Breakout-v5", 200, 0, killed) == 200
     games = [[(g["step"], g["return"]) for g in read_jsonl(run / "metrics.jsonl")]
-             for run in (straight, resumed)]
-    assert games[0] == games[1] and games[0]  # Breakout's first random game ends by 200
+             for run in (straight, resumed, killed)]
+    assert games[0] == games[1] == games[2] and games[0]  # the first game ends by 200
     weights = [torch.load(run / "checkpoint.pt", weights_only=False)["learner"]["policy"]
                for run in (straight, resumed)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -325,15 +325,16 @@ class _RunDir:
         write_atomic(self.path / "status.json", json.dumps(status).encode())
 
     def load(self) -> dict[str, Any] | None:
-        """The checkpoint, with metrics.jsonl cut back to the games it had counted."""
+        """The checkpoint, with metrics.jsonl cut back to the games it had counted (none
+        when a run was killed before its first checkpoint: it starts again from step 0)."""
         path = self.path / "checkpoint.pt"
-        if not path.exists():
-            return None
-        state = torch.load(path, weights_only=False)  # written by this script, this dir
+        # written by this script, into this dir
+        state = torch.load(path, weights_only=False) if path.exists() else None
+        counted = state["step"] if state is not None else 0
         metrics = self.path / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         kept = [line for line in lines if line.strip()
-                and json.loads(line)["step"] <= state["step"]]
+                and json.loads(line)["step"] <= counted]
         write_atomic(metrics, "".join(f"{line}\n" for line in kept).encode())
         return state
 
