@@ -157,7 +157,12 @@ def test_a_failed_export_is_counted_and_learning_goes_on(run_dir: Path) -> None:
     assert status["faults"]["export_failures"] >= 1
     assert status["publishing"]["published"] == 0
     assert "FileExistsError" in status["publishing"]["last_error"]
-    assert "not published" in done.stderr and "retrying at the next interval" in done.stderr
+    # Each failure names its cause; one collected while learning says it will be retried.
+    # On a loaded machine the first export may still be in flight at the stop, and its
+    # failure is then collected while stopping, where nothing is retried.
+    failures = [line for line in done.stderr.splitlines() if "not published" in line]
+    assert failures and all("FileExistsError" in line for line in failures)
+    assert all(line.endswith("; retrying at the next interval") for line in failures[:-1])
 
 
 def test_the_writer_keeps_the_newest_and_never_publishes_a_failed_check(
