@@ -74,6 +74,9 @@ def test_the_probe_plays_a_runs_saved_actor_and_leaves_the_run_as_it_was(
     assert {path.name: path.read_bytes() for path in run.iterdir()} == before
     with pytest.raises(SystemExit, match="holds no checkpoint"):
         reference_stream_ac.probe_run(tmp_path / "missing", games=1)
+    (run / "checkpoint.pt").write_bytes(before["checkpoint.pt"][:1000])  # truncated
+    with pytest.raises(SystemExit, match="is not a checkpoint of this tool"):
+        reference_stream_ac.probe_run(run, games=1)
     with pytest.raises(SystemExit):
         reference_stream_ac.main(["--probe", "0", "--run-dir", str(run)])
     assert "--probe" in capsys.readouterr().err

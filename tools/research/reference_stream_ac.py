@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.daemon.config import load_config
+from runtime.errors import first_line
 from runtime.files import write_atomic
 from runtime.streams import Stream, StreamError, is_atari_id, open_stream
 from tools import ROOT
@@ -304,6 +305,10 @@ class _FrameNormaliser:
 
     def __call__(self, stack: np.ndarray) -> torch.Tensor:
         self.stats.update(stack[-1].astype(np.float64))
+        return self.held(stack)
+
+    def held(self, stack: np.ndarray) -> torch.Tensor:
+        """The stack normalised by the statistics as they are, without adding to them."""
         normed = (stack - self.stats.mean) / np.sqrt(self.stats.var + 1e-8)
         return torch.as_tensor(normed, dtype=torch.float32)
 
@@ -419,18 +424,17 @@ class _ProbedActor:
     """A frames run's actor as policy_probe.probe plays a policy: the logits of a raw
     observation, normalised by the frame statistics as the checkpoint saved them."""
 
-    def __init__(self, env_id: str, policy: nn.Module, stats: _RunningMeanVar,
+    def __init__(self, env_id: str, policy: nn.Module, normalise: _FrameNormaliser,
                  stream: Stream) -> None:
-        self.policy, self.stats = policy, stats
+        self.policy, self.normalise = policy, normalise
         self.observation_shape = tuple(stream.spec.observation_shape)
         self.observation_dtype = stream.spec.observation_dtype
         self.num_actions = int(stream.spec.num_actions)
         self.metadata = {"env_id": env_id}
 
     def logits(self, observations: np.ndarray) -> np.ndarray:
-        normed = (observations[0] - self.stats.mean) / np.sqrt(self.stats.var + 1e-8)
         with torch.no_grad():
-            return self.policy(torch.as_tensor(normed, dtype=torch.float32)).numpy()[None]
+            return self.policy(self.normalise.held(observations[0])).numpy()[None]
 
 
 def probe_run(run_dir: Path, games: int, seed: int = 0,
@@ -442,7 +446,6 @@ def probe_run(run_dir: Path, games: int, seed: int = 0,
     env_id = read_env_id(run_dir)
     if env_id is None or not path.exists():
         raise SystemExit(f"error: {run_dir} holds no checkpoint of a frames run")
-    saved = torch.load(path, weights_only=False)  # written by this script
     try:
         stream = open_frames(env_id, seed)
     except StreamError as exc:
@@ -451,12 +454,18 @@ def probe_run(run_dir: Path, games: int, seed: int = 0,
         shape = stream.spec.observation_shape
         policy = _ConvTower(shape[0], (shape[1], shape[2]), 256, stream.spec.num_actions,
                             torch.Generator().manual_seed(seed))
-        policy.load_state_dict(saved["learner"]["policy"])
-        stats = _RunningMeanVar((shape[1], shape[2]))
-        stats.load(saved["frame_stats"])
-        actor = _ProbedActor(env_id, policy, stats, stream)
-        return env_id, int(saved["step"]), probe(actor, stream, games, max_steps, False,
-                                                 np.random.default_rng(seed))
+        normalise = _FrameNormaliser((shape[1], shape[2]))
+        try:
+            saved = torch.load(path, weights_only=False)  # written by this script
+            policy.load_state_dict(saved["learner"]["policy"])
+            normalise.stats.load(saved["frame_stats"])
+            step = int(saved["step"])
+        except Exception as exc:  # a truncated file, another tool's, another game's
+            raise SystemExit(f"error: {path} is not a checkpoint of this tool for {env_id}: "
+                             f"{first_line(exc, 200, typed=True)}") from None
+        actor = _ProbedActor(env_id, policy, normalise, stream)
+        return env_id, step, probe(actor, stream, games, max_steps, False,
+                                   np.random.default_rng(seed))
     finally:
         stream.close()
 
