@@ -53,7 +53,7 @@ def test_the_reference_learner_on_atari_resumes_exactly_from_its_run_dir(
     games = [[(g["step"], g["return"]) for g in read_jsonl(run / "metrics.jsonl")]
              for run in (straight, resumed, killed)]
     assert games[0] == games[1] == games[2] and games[0]  # the first game ends by 200
-    weights = [torch.load(run / "checkpoint.pt", weights_only=False)["learner"]["policy"]
+    weights = [reference_stream_ac.load_checkpoint(run / "checkpoint.pt")["learner"]["policy"]
                for run in (straight, resumed)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     assert sweep.read_status(resumed) == {"step": 200, "games": len(games[0]),
@@ -80,6 +80,27 @@ def test_the_probe_plays_a_runs_saved_actor_and_leaves_the_run_as_it_was(
     with pytest.raises(SystemExit):
         reference_stream_ac.main(["--probe", "0", "--run-dir", str(run)])
     assert "--probe" in capsys.readouterr().err
+
+
+class _Payload:
+    """A pickled object that, when unpickled, creates the file it names."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_forged_checkpoint_is_refused_without_running_its_code(tmp_path: Path) -> None:
+    run, marker = tmp_path / "run", tmp_path / "ran"
+    assert reference_stream_ac.run_frames("ALE/Breakout-v5", 20, 0, run) == 20
+    torch.save({"step": 20, "learner": _Payload(marker)}, run / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="is not a checkpoint of this tool"):
+        reference_stream_ac.run_frames("ALE/Breakout-v5", 40, 0, run)
+    with pytest.raises(SystemExit, match="is not a checkpoint of this tool"):
+        reference_stream_ac.probe_run(run, games=1)
+    assert not marker.exists()
 
 
 def test_bench_control_prints_both_learners_per_task(capsys: pytest.CaptureFixture) -> None:

@@ -313,6 +313,27 @@ class _FrameNormaliser:
         return torch.as_tensor(normed, dtype=torch.float32)
 
 
+# What a checkpoint holds besides tensors and plain containers: the frame and return
+# statistics' numpy arrays. Only these globals may be unpickled, so a forged file cannot
+# run code.
+_NUMPY_ARRAYS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct,
+                 np._core.multiarray.scalar, type(np.dtype(np.float64))]
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+        return torch.load(path, weights_only=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint this tool wrote; SystemExit with one line when it is not one."""
+    try:
+        return _unpickle(path)
+    except Exception as exc:  # a truncated file, another tool's, a forged pickle
+        raise SystemExit(f"error: {path} is not a checkpoint of this tool: "
+                         f"{first_line(exc, 200, typed=True)}") from None
+
+
 class _RunDir:
     """What a frames run leaves: metrics.jsonl, status.json, config.yaml, checkpoint.pt."""
 
@@ -333,8 +354,7 @@ class _RunDir:
         """The checkpoint, with metrics.jsonl cut back to the games it had counted (none
         when a run was killed before its first checkpoint: it starts again from step 0)."""
         path = self.path / "checkpoint.pt"
-        # written by this script, into this dir
-        state = torch.load(path, weights_only=False) if path.exists() else None
+        state = load_checkpoint(path) if path.exists() else None
         counted = state["step"] if state is not None else 0
         metrics = self.path / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -456,7 +476,7 @@ def probe_run(run_dir: Path, games: int, seed: int = 0,
                             torch.Generator().manual_seed(seed))
         normalise = _FrameNormaliser((shape[1], shape[2]))
         try:
-            saved = torch.load(path, weights_only=False)  # written by this script
+            saved = _unpickle(path)
             policy.load_state_dict(saved["learner"]["policy"])
             normalise.stats.load(saved["frame_stats"])
             step = int(saved["step"])
