@@ -41,6 +41,28 @@ def repair_jsonl(path: Path) -> int:
     return len(data) - keep
 
 
+def last_returns(path: Path, count: int) -> list[float]:
+    """The returns of the last `count` game records in a metrics.jsonl, oldest first, read
+    from the file's end (a run's log grows for weeks); unparsable lines are skipped."""
+    if not path.exists() or count <= 0:
+        return []
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        start, tail = end, b""
+        while start > 0 and tail.count(b"\n") <= count:
+            start = max(0, start - 65536)
+            f.seek(start)
+            tail = f.read(end - start)
+    lines = tail.splitlines()[1:] if start > 0 else tail.splitlines()  # [0] may be cut
+    returns = []
+    for line in lines:
+        try:
+            returns.append(float(json.loads(line)["return"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return returns[-count:]
+
+
 class MetricsLog:
     """Appends one JSON object per line; each line is flushed (games are rare events)."""
 

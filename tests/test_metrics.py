@@ -8,6 +8,7 @@ from pathlib import Path
 
 from runtime.metrics import (
     MetricsLog,
+    last_returns,
     metrics_path,
     read_jsonl,
     repair_jsonl,
@@ -56,3 +57,12 @@ def test_records_after_the_resumed_checkpoint_are_moved_aside_not_deleted(
     assert aside.read_text() == '{"step": 130}\n{"step": 170}\n{"step": 1'  # torn line too
     assert set_aside_records_after(path, 100, tmp_path / "again") == 0
     assert not (tmp_path / "again").exists()
+
+
+def test_last_returns_reads_the_newest_games_from_a_long_log(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    assert last_returns(path, 100) == []
+    lines = [json.dumps({"step": i, "return": float(i), "pad": "x" * 200}) for i in range(2000)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 2000, "ret')  # a torn tail
+    assert last_returns(path, 100) == [float(i) for i in range(1900, 2000)]
+    assert last_returns(path, 5000) == [float(i) for i in range(2000)]

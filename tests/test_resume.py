@@ -132,6 +132,9 @@ def test_sigterm_mid_game_then_restart_is_bit_identical_to_never_stopping(
     assert any(r["step"] > k for r in resumed) and any(r["step"] <= k for r in resumed)
     log = (tmp_path / "run" / "daemon.log").read_text()
     assert f"step {k}: the episode in progress goes on exactly" in log
+    status = [json.loads((tmp_path / d / "status.json").read_text())["recent_games"]
+              for d in ("run", "reference")]
+    assert status[0] == status[1]  # the games before the stop still count
 
 
 def test_real_sigterm_to_a_real_daemon_then_restart_is_bit_identical(tmp_path: Path) -> None:

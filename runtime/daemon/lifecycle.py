@@ -28,14 +28,14 @@ from runtime.daemon.jobs import Checkpointing, GameRecords, Job, Publishing, Rec
 from runtime.daemon.loop import ActingLoop, Counters, RollbackNeeded, StreamFault
 from runtime.daemon.monitoring import MetricsEndpoint
 from runtime.daemon.process import RunDirLock, StopFlag, close_logging, setup_logging
-from runtime.daemon.progress import Progress
+from runtime.daemon.progress import RECENT_GAMES, Progress
 from runtime.daemon.publish import Publisher, export_key
 from runtime.daemon.supervision import StreamSupervisor
 from runtime.daemon.tensorboard import TensorBoardLog
 from runtime.daemon.triggers import Every
 from runtime.device.manifest import checked_run, new_run
 from runtime.files import write_atomic
-from runtime.metrics import MetricsLog
+from runtime.metrics import MetricsLog, last_returns
 from runtime.sdnotify import Notifier
 from runtime.streams import Stream, StreamError, is_atari_id
 
@@ -139,6 +139,10 @@ class Daemon:
             status_seconds=cfg.status_every_seconds,
             summary_seconds=cfg.summary_every_seconds, extra_status=self._status,
             live=sys.stderr.isatty())
+        # A restart goes on with the run's recent games, as kept in metrics.jsonl up to
+        # the checkpoint, so status.json and published policies see no restart.
+        self.progress.recent_returns = last_returns(self.run_dir / "metrics.jsonl",
+                                                    RECENT_GAMES)
         if cfg.metrics_port is not None:
             self.monitoring = MetricsEndpoint(cfg.metrics_address, cfg.metrics_port,
                                               self.progress.status)
