@@ -138,11 +138,10 @@ class Daemon:
             self.counters, self.run_dir / "status.json", self.notifier,
             status_seconds=cfg.status_every_seconds,
             summary_seconds=cfg.summary_every_seconds, extra_status=self._status,
-            live=sys.stderr.isatty())
-        # A restart goes on with the run's recent games, as kept in metrics.jsonl up to
-        # the checkpoint, so status.json and published policies see no restart.
-        self.progress.recent_returns = last_returns(self.run_dir / "metrics.jsonl",
-                                                    RECENT_GAMES)
+            live=sys.stderr.isatty(),
+            # metrics.jsonl as kept up to the checkpoint: status.json and published
+            # policies see no restart
+            recent_returns=last_returns(self.run_dir / "metrics.jsonl", RECENT_GAMES))
         if cfg.metrics_port is not None:
             self.monitoring = MetricsEndpoint(cfg.metrics_address, cfg.metrics_port,
                                               self.progress.status)

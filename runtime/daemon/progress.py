@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,11 @@ class Progress:
 
     def __init__(self, counters: Counters, status_path: Path, notifier: Notifier, *,
                  status_seconds: float, summary_seconds: float,
-                 extra_status: Callable[[], dict[str, Any]], live: bool) -> None:
+                 extra_status: Callable[[], dict[str, Any]], live: bool,
+                 recent_returns: Sequence[float] = ()) -> None:
         """`extra_status`: what other pieces add to status.json (the last checkpoint,
-        publishing), asked for at each write."""
+        publishing), asked for at each write. `recent_returns`: the returns of the games
+        the run had finished before this start, oldest first (a restart goes on with them)."""
         self.counters = counters
         self.status_path = status_path
         self.notifier = notifier
@@ -45,7 +47,7 @@ class Progress:
         self.steps_per_s = 0.0
         self.status_due = Every(None, status_seconds, counters.steps, now - status_seconds)  # now
         self.summary_due = Every(None, summary_seconds, counters.steps, now)
-        self.recent_returns: list[float] = []
+        self.recent_returns: list[float] = list(recent_returns)[-RECENT_GAMES:]
         self.last_game: dict[str, float] = {}  # the last finished game's metric means
         self.state = "starting"  # running, stopping, stopped or failed after that
 

@@ -314,10 +314,10 @@ class _FrameNormaliser:
 
 
 # What a checkpoint holds besides tensors and plain containers: the frame and return
-# statistics' numpy arrays. Only these globals may be unpickled, so a forged file cannot
-# run code.
-_NUMPY_ARRAYS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct,
-                 np._core.multiarray.scalar, type(np.dtype(np.float64))]
+# statistics' numpy arrays and scalars, pickled through the functions their own reduce
+# names. Only these globals may be unpickled, so a forged file cannot run code.
+_NUMPY_ARRAYS = [np.ndarray, np.dtype, type(np.dtype(np.float64)),
+                 np.zeros(0).__reduce__()[0], np.float64(0).__reduce__()[0]]
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
